@@ -1,0 +1,3 @@
+from latentlab.cli import app
+
+app()

@@ -1,0 +1,121 @@
+"""The ``latentlab`` command: one sub-command per pipeline stage, plus the
+Prefect flow and the MLflow UI. Each is a thin adapter over
+:mod:`latentlab.stages`; errors in the user's input print one line and exit 2."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from latentlab.errors import LatentlabError
+
+app = typer.Typer(
+    help="latentlab: a reproducible pipeline for autoencoders, VAEs and GANs (DVC + Prefect + MLflow).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+T = TypeVar("T")
+Root = Annotated[Path, typer.Option("--root", help="Project folder (holds dvc.yaml and params.yaml).")]
+Dataset = Annotated[str, typer.Argument(help="Dataset name, a key of ingest.datasets in params.yaml.")]
+Family = Annotated[str, typer.Option("--model", "-m", help="Model family, one of train.models.")]
+
+
+def _run(fn: Callable[[], T]) -> T:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return fn()
+    except LatentlabError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def ingest(dataset: Dataset, root: Root = Path(".")) -> None:
+    """Read a dataset from its source into data/processed/DATASET."""
+    from latentlab import stages
+
+    typer.echo(_run(lambda: stages.ingest(dataset, root)))
+
+
+@app.command()
+def validate(dataset: Dataset, root: Root = Path(".")) -> None:
+    """Check a processed dataset with Great Expectations; fails on a failed expectation."""
+    from latentlab import stages
+
+    typer.echo(_run(lambda: stages.validate(dataset, root)))
+
+
+@app.command()
+def corrupt(dataset: Dataset, root: Root = Path(".")) -> None:
+    """Write the noise corruptions of a dataset into data/corrupted/DATASET."""
+    from latentlab import stages
+
+    typer.echo(_run(lambda: stages.corrupt(dataset, root)))
+
+
+@app.command()
+def train(dataset: Dataset, model: Family = "pca", root: Root = Path(".")) -> None:
+    """Train a model family on a dataset into models/DATASET/MODEL."""
+    from latentlab import stages
+
+    typer.echo(_run(lambda: stages.train(dataset, model, root)))
+
+
+@app.command()
+def evaluate(dataset: Dataset, model: Family = "pca", root: Root = Path(".")) -> None:
+    """Evaluate a trained model: metrics/DATASET/MODEL.json and figures under reports/."""
+    from latentlab import stages
+
+    typer.echo(_run(lambda: stages.evaluate(dataset, model, root)))
+
+
+@app.command()
+def report(root: Root = Path(".")) -> None:
+    """Write reports/index.html from what the other stages produced."""
+    from latentlab import stages
+
+    typer.echo(_run(lambda: stages.report(root)))
+
+
+@app.command()
+def flow(root: Root = Path(".")) -> None:
+    """Run the whole pipeline as a Prefect flow (each stage a task run)."""
+    from latentlab.orchestration import pipeline_flow
+
+    _run(lambda: pipeline_flow(str(root)))
+
+
+@app.command()
+def check_params(root: Root = Path(".")) -> None:
+    """Validate params.yaml and print the parsed configuration."""
+    from latentlab.config import load_params
+
+    params = _run(lambda: load_params(Path(root) / "params.yaml"))
+    typer.echo(params.model_dump_json(indent=2, by_alias=True))
+
+
+@app.command()
+def ui(
+    root: Root = Path("."),
+    port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+) -> None:
+    """Serve the MLflow UI over mlruns/ on 127.0.0.1."""
+    from latentlab.tracking import tracking_uri
+
+    uri = tracking_uri(root)
+    typer.echo(f"MLflow UI on http://127.0.0.1:{port} over {uri}")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    raise typer.Exit(subprocess.call(cmd, env=dict(os.environ)))
+
+
+if __name__ == "__main__":
+    app()

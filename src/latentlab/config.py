@@ -1,0 +1,258 @@
+"""``params.yaml`` parsed once into frozen, validated models.
+
+Each stage reads its own section. Unknown keys, wrong types and out-of-range
+values are rejected with a one-line :class:`~latentlab.errors.ConfigError`
+naming the dotted key, e.g.::
+
+    params.yaml: ingest.val_fraction: Input should be less than 1 (got 1.5)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from latentlab.errors import ConfigError
+
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class Section(BaseModel):
+    """Base of every config model: immutable, and unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------- ingest
+class IdxSource(Section):
+    """MNIST-style IDX files (``*images-idx3-ubyte[.gz]``, ``*labels-idx1-ubyte[.gz]``)."""
+
+    kind: Literal["mnist", "fashion_mnist", "idx"]
+    path: Path | None = None  # folder with the IDX files; None = known local places, then download
+    class_names: tuple[str, ...] | None = None  # names of labels 0..K-1; None = built-in or "0".."K-1"
+
+
+class ImageFolderSource(Section):
+    """A folder of PNG images with one sub-folder per class (the folder name is the class)."""
+
+    kind: Literal["image_folder"]
+    path: Path
+    channels: Literal[1, 3, 4] = 1  # 1 = grayscale, 3 = RGB, 4 = RGBA
+    size: tuple[Annotated[int, Field(ge=4)], Annotated[int, Field(ge=4)]] | None = (
+        None  # (H, W) to resize to; None = all images must share one size
+    )
+
+
+class CsvSource(Section):
+    """A CSV of pixel rows (values 0..255) with a label column."""
+
+    kind: Literal["csv"]
+    path: Path  # one CSV file, or a folder with train.csv and test.csv
+    label_column: str = "label"
+    shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (
+        1,
+        28,
+        28,
+    )  # (C, H, W); pixels are channel-last in a row
+    class_names: tuple[str, ...] | None = None
+
+
+class Sat6Source(Section):
+    """SAT-6 (DeepSat) 28x28x4 patches: Kaggle CSV form or the original sat-6-full.mat."""
+
+    kind: Literal["sat6"]
+    path: Path | None = None  # folder with X_*/y_* CSVs or sat-6-full.mat; no offline default exists
+    max_rows: Annotated[int, Field(ge=1)] | None = (
+        None  # read at most this many rows per split (the full CSV is 1.6 GB)
+    )
+
+
+class SpeechSynthesis(Section):
+    """espeak-ng settings for the offline spoken-digit substitute."""
+
+    voices: tuple[str, ...] = ("en-us", "en-gb", "en-us+f3", "en-gb+m3", "en-us+m7", "en-gb+f2")
+    speeds: tuple[Annotated[int, Field(ge=80, le=450)], ...] = (120, 150, 180)  # words per minute
+    pitches: tuple[Annotated[int, Field(ge=0, le=99)], ...] = (30, 50, 70)  # espeak-ng pitch, 0..99
+
+
+class SpeechSource(Section):
+    """Spoken digits as log-mel spectrograms (Free Spoken Digit Dataset naming)."""
+
+    kind: Literal["speech"]
+    path: Path | None = None  # folder of {digit}_{speaker}_{index}.wav; None = download FSDD, offline espeak-ng
+    sample_rate: Annotated[int, Field(ge=4000, le=48000)] = 8000  # Hz, every clip is resampled to it
+    duration: Annotated[float, Field(gt=0.1, le=10.0)] = 1.0  # s, clips are trimmed or zero-padded to it
+    n_fft: Annotated[int, Field(ge=64, le=8192)] = 512  # FFT window, samples
+    hop_length: Annotated[int, Field(ge=16, le=4096)] = 256  # frame step, samples
+    n_mels: Annotated[int, Field(ge=8, le=256)] = 32  # mel bands (spectrogram height)
+    fmin: Annotated[float, Field(ge=0.0)] = 0.0  # Hz, lowest mel band edge
+    fmax: Annotated[float, Field(gt=0.0)] | None = None  # Hz, highest edge; None = sample_rate / 2
+    top_db: Annotated[float, Field(gt=10.0, le=200.0)] = 80.0  # dB of dynamic range kept below the train-set peak
+    synthesis: SpeechSynthesis = SpeechSynthesis()
+
+    @model_validator(mode="after")
+    def _check_bands(self) -> SpeechSource:
+        nyquist = self.sample_rate / 2
+        if self.fmax is not None and self.fmax > nyquist:
+            raise ValueError(f"fmax {self.fmax} Hz is above the Nyquist frequency {nyquist} Hz")
+        if self.hop_length > self.n_fft:
+            raise ValueError(f"hop_length {self.hop_length} is larger than n_fft {self.n_fft}")
+        return self
+
+
+DatasetSource = Annotated[
+    IdxSource | ImageFolderSource | CsvSource | Sat6Source | SpeechSource,
+    Field(discriminator="kind"),
+]
+
+
+class IngestConfig(Section):
+    seed: Annotated[int, Field(ge=0)] = 0  # seed of the train/validation/test split
+    val_fraction: Fraction = 0.1  # share of the training data held out for validation
+    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = (
+        0.2  # share held out for test when a source has no test split
+    )
+    datasets: dict[str, DatasetSource]
+
+
+# ------------------------------------------------------------------- validate
+class BalanceBounds(Section):
+    min_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # smallest allowed class share / uniform share
+    max_ratio: Annotated[float, Field(ge=1.0)] = 1.5  # largest allowed class share / uniform share
+
+
+class ValidateConfig(Section):
+    class_balance: BalanceBounds = BalanceBounds()
+    class_balance_overrides: dict[str, BalanceBounds] = {}  # per-dataset bounds (e.g. SAT-6 is unbalanced)
+    min_samples: dict[Literal["train", "val", "test"], Annotated[int, Field(ge=1)]] = {"train": 10, "val": 2, "test": 2}
+    min_std: Annotated[float, Field(ge=0.0)] = 0.0  # smallest allowed per-sample std (0 allows blank samples)
+
+
+# -------------------------------------------------------------------- corrupt
+class CorruptConfig(Section):
+    seed: Annotated[int, Field(ge=0)] = 0  # seed of every corruption
+    splits: tuple[Literal["train", "val", "test"], ...] = ("train", "val", "test")  # splits to corrupt
+    gaussian_sigma: tuple[Annotated[float, Field(gt=0.0, le=2.0)], ...] = (
+        0.3,
+    )  # std of additive noise, pixel units in [0, 1]
+    salt_pepper_amount: tuple[Annotated[float, Field(gt=0.0, le=1.0)], ...] = (0.2,)  # share of pixels set to 0 or 1
+    mask_fraction: tuple[Annotated[float, Field(gt=0.0, lt=1.0)], ...] = (0.5,)  # share of pixels dropped to 0
+    block_size: tuple[Annotated[int, Field(ge=1)], ...] = (12,)  # side of the square occluding block, pixels
+    snr_db: tuple[Annotated[float, Field(ge=-30.0, le=60.0)], ...] = (5.0,)  # target SNR of noisy speech, dB
+    audio_noise: tuple[Literal["white", "babble"], ...] = ("white", "babble")  # additive noise kinds for speech
+    babble_speakers: Annotated[int, Field(ge=1, le=32)] = 4  # utterances summed into one babble noise
+
+
+# ---------------------------------------------------------------------- train
+class PcaConfig(Section):
+    latent_sizes: tuple[Annotated[int, Field(ge=1)], ...] = (2, 4, 6, 16, 32)  # principal components kept
+    max_train_samples: Annotated[int, Field(ge=2)] | None = None  # cap on training samples; None = all
+
+    @model_validator(mode="after")
+    def _sorted_unique(self) -> PcaConfig:
+        if len(set(self.latent_sizes)) != len(self.latent_sizes) or not self.latent_sizes:
+            raise ValueError("latent_sizes must be a non-empty list without repeats")
+        return self
+
+
+class TrainConfig(Section):
+    seed: Annotated[int, Field(ge=0)] = 0  # seed of subsampling, initialisation and batch order
+    models: tuple[Literal["pca"], ...] = ("pca",)  # model families the pipeline trains on every dataset
+    pca: PcaConfig = PcaConfig()
+
+
+# ------------------------------------------------------------------- evaluate
+class EvaluateConfig(Section):
+    max_test_samples: Annotated[int, Field(ge=1)] | None = None  # cap on test samples; None = all
+    grid_size: Annotated[int, Field(ge=1, le=64)] = 8  # images per row of example grids
+
+
+# --------------------------------------------------------------------- report
+class ReportConfig(Section):
+    title: str = "latentlab report"
+
+
+class PipelineConfig(Section):
+    datasets: tuple[str, ...]  # datasets the pipeline runs on, each defined under ingest.datasets
+    experiment: str = "latentlab"  # MLflow experiment name
+
+
+class Params(Section):
+    """The whole of params.yaml."""
+
+    pipeline: PipelineConfig
+    ingest: IngestConfig
+    validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
+    corrupt: CorruptConfig = CorruptConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _datasets_defined(self) -> Params:
+        for name in self.pipeline.datasets:
+            if name not in self.ingest.datasets:
+                raise ValueError(
+                    f"dataset {name!r} is listed in pipeline.datasets but not defined under ingest.datasets"
+                )
+        return self
+
+    def dataset(self, name: str) -> DatasetSource:
+        try:
+            return self.ingest.datasets[name]
+        except KeyError:
+            known = ", ".join(sorted(self.ingest.datasets))
+            raise ConfigError(f"params.yaml: ingest.datasets: no dataset named {name!r} (defined: {known})") from None
+
+
+_SOURCE_KINDS = frozenset({"mnist", "fashion_mnist", "idx", "image_folder", "csv", "sat6", "speech"})
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a mapping (as loaded from YAML) into :class:`Params`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_first_error(exc)}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_params(raw, str(path))
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    # pydantic puts the discriminator tag into the location
+    # (ingest.datasets.NAME.speech.n_mels): drop it so the key reads as in the file.
+    loc: list[str] = []
+    for part in err["loc"]:
+        if len(loc) >= 2 and loc[-2] == "datasets" and part in _SOURCE_KINDS:
+            continue
+        loc.append(str(part))
+    key = ".".join(loc) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
+    more = f" and {exc.error_count() - 1} more" if exc.error_count() > 1 else ""
+    return f"{key}: {msg}{shown}{more}"

@@ -1,0 +1,1 @@
+"""Dataset readers, the processed on-disk format, and the ingest stage."""

@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny datasets written by the tests, and a params.yaml shrunk
+from the real one (as lightning-hydra-template's fixtures shrink its config)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+# Keep tests from touching the project's own MLflow store or Prefect home.
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
+    """Write ``array`` (uint8) as an IDX file: magic 0x0000 08 ndim, big-endian dims, data."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gz:
+        with gzip.open(path, "wb") as fh:
+            fh.write(payload)
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def make_digit_images(n_per_class: int, n_classes: int, size: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose class shows as a bright bar at a class-specific row, plus noise.
+
+    Structured enough that PCA finds it, random enough that nothing is degenerate.
+    Returns x uint8 (N, size, size) and y int64 (N,).
+    """
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for label in range(n_classes):
+        imgs = rng.integers(0, 60, size=(n_per_class, size, size))
+        row = (label * 2 + 1) % size
+        imgs[:, row, 1:-1] = rng.integers(180, 256, size=(n_per_class, size - 2))
+        xs.append(imgs)
+        ys.append(np.full(n_per_class, label))
+    return np.concatenate(xs).astype(np.uint8), np.concatenate(ys).astype(np.int64)
+
+
+@pytest.fixture
+def tiny_idx_folder(tmp_path: Path) -> Path:
+    """A tiny MNIST-like IDX folder: 3 classes, 60 train and 15 test images of 12x12."""
+    folder = tmp_path / "tiny_idx"
+    x, y = make_digit_images(20, 3, seed=1)
+    xt, yt = make_digit_images(5, 3, seed=2)
+    write_idx(folder / "train-images-idx3-ubyte.gz", x, gz=True)
+    write_idx(folder / "train-labels-idx1-ubyte.gz", y.astype(np.uint8), gz=True)
+    write_idx(folder / "t10k-images-idx3-ubyte", xt)
+    write_idx(folder / "t10k-labels-idx1-ubyte", yt.astype(np.uint8))
+    return folder
+
+
+def tiny_params(data_root: Path, datasets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The real params.yaml, shrunk: only ``datasets``, few latent sizes, small corruptions."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["pipeline"]["datasets"] = list(datasets)
+    params["ingest"]["datasets"] = datasets
+    params["validate"]["min_samples"] = {"train": 5, "val": 1, "test": 1}
+    params["train"]["pca"]["latent_sizes"] = [2, 4]
+    params["corrupt"]["block_size"] = [4]
+    params["evaluate"]["grid_size"] = 4
+    return params
+
+
+def write_tone_wavs(folder: Path, per_digit: int, sample_rate: int = 8000, seconds: float = 0.25) -> Path:
+    """FSDD-named WAVs ``{digit}_{speaker}_{index}.wav``: a tone per digit (300 + 150*digit Hz)."""
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(sample_rate * seconds)) / sample_rate
+    rng = np.random.default_rng(0)
+    for digit in range(10):
+        for index in range(per_digit):
+            tone = 0.4 * np.sin(2 * np.pi * (300 + 150 * digit) * t) + 0.01 * rng.normal(size=t.size)
+            sf.write(folder / f"{digit}_tester_{index}.wav", tone.astype(np.float32), sample_rate, subtype="PCM_16")
+    return folder
+
+
+def write_project(root: Path, params: dict[str, Any]) -> Path:
+    """A temporary copy of the repository's pipeline (dvc.yaml, sources) with ``params``."""
+    import shutil
+
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root

@@ -1,0 +1,130 @@
+"""The whole DVC pipeline on a tiny configuration, in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import make_digit_images, tiny_params, write_idx, write_project, write_tone_wavs
+
+pytestmark = pytest.mark.integration
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    # The stage commands (`latentlab ...`) come from this interpreter's environment.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("pipeline")
+    data = base / "inputs"
+    x, y = make_digit_images(20, 3, seed=1)
+    xt, yt = make_digit_images(5, 3, seed=2)
+    write_idx(data / "digits" / "train-images-idx3-ubyte.gz", x, gz=True)
+    write_idx(data / "digits" / "train-labels-idx1-ubyte.gz", y.astype("uint8"), gz=True)
+    write_idx(data / "digits" / "t10k-images-idx3-ubyte.gz", xt, gz=True)
+    write_idx(data / "digits" / "t10k-labels-idx1-ubyte.gz", yt.astype("uint8"), gz=True)
+    write_tone_wavs(data / "tones", per_digit=5)
+    params = tiny_params(
+        data,
+        {
+            "digits": {"kind": "idx", "path": str(data / "digits"), "class_names": ["a", "b", "c"]},
+            "tones": {
+                "kind": "speech",
+                "path": str(data / "tones"),
+                "n_fft": 256,
+                "hop_length": 128,
+                "n_mels": 16,
+                "duration": 0.25,
+            },
+        },
+    )
+    root = write_project(base / "repo", params)
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        result = _run(cmd, root)
+        assert result.returncode == 0, result.stderr
+    _run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], root)
+    first = _run([sys.executable, "-m", "dvc", "repro"], root)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    (root / "first_run.log").write_text(first.stdout)
+    return root
+
+
+def test_first_run_runs_every_stage_and_writes_outputs(project: Path):
+    ran = _ran_stages((project / "first_run.log").read_text())
+    for dataset in ("digits", "tones"):
+        for stage in ("ingest", "validate", "corrupt"):
+            assert f"{stage}@{dataset}" in ran
+        assert f"train@{dataset}-pca" in ran and f"evaluate@{dataset}-pca" in ran
+    assert "report" in ran
+
+    manifest = json.loads((project / "data/processed/digits/manifest.json").read_text())
+    assert manifest["counts"] == {"train": 54, "val": 6, "test": 15}
+    assert manifest["class_names"] == ["a", "b", "c"]
+    assert set(manifest["source"]["files"]) == {
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    }
+    metrics = json.loads((project / "metrics/digits/pca.json").read_text())
+    assert metrics["reconstruction"]["4"]["mse"] < metrics["reconstruction"]["2"]["mse"]
+    assert set(metrics["denoising"]) >= {"gaussian_sigma0.3", "salt_pepper0.2", "mask0.5", "block4"}
+    tones = json.loads((project / "metrics/tones/pca.json").read_text())
+    assert {"white_snr5db", "babble_snr5db"} <= set(tones["denoising"])
+
+    index = (project / "reports/index.html").read_text()
+    assert "digits" in index and "tones" in index and "PCA" in index
+    for link in re.findall(r'(?:href|src)="([^"#]+)"', index):
+        assert (project / "reports" / link).exists(), f"broken link in index.html: {link}"
+    assert (project / "reports/validation/digits/data_docs/index.html").exists()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert "ingest@digits" in lock["stages"]
+
+
+def test_mlflow_has_one_finished_run_per_stage(project: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("latentlab")
+    runs = client.search_runs([experiment.experiment_id], max_results=200)
+    names = {r.info.run_name for r in runs}
+    assert {"ingest:digits", "validate:digits", "corrupt:digits", "train:digits", "evaluate:digits", "report"} <= names
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    evaluate = next(r for r in runs if r.info.run_name == "evaluate:digits")
+    assert "reconstruction.2.mse" in evaluate.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+    assert {"metrics", "figures"} <= artifacts
+
+
+def test_second_run_does_nothing_and_a_corruption_change_reruns_only_downstream(project: Path):
+    again = _run([sys.executable, "-m", "dvc", "repro"], project)
+    assert again.returncode == 0, again.stderr
+    assert _ran_stages(again.stdout) == set()
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["corrupt"]["gaussian_sigma"] = [0.4]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = _run([sys.executable, "-m", "dvc", "repro"], project)
+    assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    ran = _ran_stages(changed.stdout)
+    assert "corrupt@digits" in ran and "evaluate@digits-pca" in ran and "report" in ran
+    assert not {s for s in ran if s.startswith(("ingest", "validate", "train"))}
+    # Speech ignores image corruptions: its corrupted data is unchanged, so its evaluation is not rerun.
+    assert "evaluate@tones-pca" not in ran
+    assert "gaussian_sigma0.4" in json.loads((project / "metrics/digits/pca.json").read_text())["denoising"]

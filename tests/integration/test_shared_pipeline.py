@@ -1,0 +1,46 @@
+"""The stages on the real MNIST of ../shared/datasets (skipped when it is absent)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from latentlab import stages
+from tests.conftest import SHARED_DATASETS, tiny_params
+
+pytestmark = [pytest.mark.integration, pytest.mark.shared_data]
+
+MNIST = SHARED_DATASETS / "mnist"
+
+
+@pytest.mark.skipif(not MNIST.exists(), reason=f"{MNIST} is absent: the real-data integration test needs ../shared/datasets")
+def test_real_mnist_through_ingest_validate_corrupt_train_evaluate(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = tiny_params(tmp_path, {"mnist": {"kind": "mnist", "path": str(MNIST)}})
+    params["train"]["pca"]["latent_sizes"] = [2, 4, 6]
+    params["corrupt"]["splits"] = ["test"]
+    params["validate"]["min_samples"] = {"train": 50000, "val": 5900, "test": 10000}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    stages.ingest("mnist", tmp_path)
+    manifest = json.loads((tmp_path / "data/processed/mnist/manifest.json").read_text())
+    counts = manifest["counts"]
+    # 10% of each class for validation, rounded per class.
+    assert counts["test"] == 10000 and counts["train"] + counts["val"] == 60000
+    assert abs(counts["val"] - 6000) <= 5
+    assert manifest["source"]["files"]["train-images-idx3-ubyte.gz"] == (
+        "0b367032e93c5d0cea0925647cfdb18614af8ee15f83e6f2fc2ad904a6835971"
+    )
+    stages.validate("mnist", tmp_path)
+    stages.corrupt("mnist", tmp_path)
+    stages.train("mnist", "pca", tmp_path)
+    stages.evaluate("mnist", "pca", tmp_path)
+    metrics = json.loads((tmp_path / "metrics/mnist/pca.json").read_text())
+    # The published PCA figures on full MNIST (fit on 60,000); ours fit on the 54,000 left after validation.
+    for k, expected in {"2": 0.0557, "4": 0.0479, "6": 0.0416}.items():
+        assert metrics["reconstruction"][k]["mse"] == pytest.approx(expected, abs=0.001)
+    # PCA removes much of the Gaussian noise: restoration beats the noisy input.
+    gaussian = metrics["denoising"]["gaussian_sigma0.3"]
+    assert gaussian["pca6_psnr"] > gaussian["noisy_psnr"]

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from latentlab.config import load_params, parse_params
+from latentlab.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _base() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_repository_params_parse():
+    params = load_params(REPO / "params.yaml")
+    assert params.pipeline.datasets == ("mnist", "fashion_mnist", "speech")
+    assert params.dataset("speech").n_mels == 32
+    assert "sat6" not in params.pipeline.datasets  # no offline source: not a default
+    assert params.validate_.class_balance_overrides["sat6"].min_ratio == 0.02
+
+
+def test_params_are_frozen():
+    params = load_params(REPO / "params.yaml")
+    with pytest.raises(ValidationError):
+        params.ingest.seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (
+            lambda p: p["ingest"].update(val_fraction=1.5),
+            "params.yaml: ingest.val_fraction: Input should be less than 1 (got 1.5)",
+        ),
+        (
+            lambda p: p["ingest"]["datasets"]["speech"].update(n_mel=3),
+            "params.yaml: ingest.datasets.speech.n_mel: unknown key",
+        ),
+        (lambda p: p["corrupt"].update(gausian_sigma=[0.1]), "params.yaml: corrupt.gausian_sigma: unknown key"),
+        (
+            lambda p: p["train"]["pca"].update(latent_sizes=[0]),
+            "params.yaml: train.pca.latent_sizes.0: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (lambda p: p["corrupt"].update(snr_db="loud"), "params.yaml: corrupt.snr_db: Input should be a valid tuple"),
+        (
+            lambda p: p["pipeline"].update(datasets=["mnist", "nope"]),
+            "dataset 'nope' is listed in pipeline.datasets but not defined under ingest.datasets",
+        ),
+        (
+            lambda p: p["ingest"]["datasets"]["speech"].update(fmax=6000),
+            "fmax 6000.0 Hz is above the Nyquist frequency 4000.0 Hz",
+        ),
+        (lambda p: p.update(extra_section={}), "params.yaml: extra_section: unknown key"),
+    ],
+)
+def test_bad_params_give_one_line_naming_the_key(mutate, expected):
+    raw = _base()
+    mutate(raw)
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml: cannot read"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("pipeline: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_unknown_dataset_lookup_names_known_ones():
+    params = load_params(REPO / "params.yaml")
+    with pytest.raises(ConfigError, match="no dataset named 'cifar'.*fashion_mnist"):
+        params.dataset("cifar")
