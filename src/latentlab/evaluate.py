@@ -67,7 +67,9 @@ def evaluate_pca(params: Params, dataset: str, paths: ProjectPaths) -> EvalResul
     reconstruction: dict[str, dict[str, float]] = {}
     recon_rows: list[dict[str, Any]] = []
     recon_images = []
-    shown = clean[: cfg.grid_size]
+    # Test rows are grouped by class: evenly spaced rows show every class.
+    show = np.unique(np.linspace(0, len(clean) - 1, cfg.grid_size).round().astype(int))
+    shown = clean[show]
     for k in sizes:
         restored = pca.reconstruct(clean, k)
         entry = {
@@ -77,7 +79,7 @@ def evaluate_pca(params: Params, dataset: str, paths: ProjectPaths) -> EvalResul
         }
         reconstruction[str(k)] = entry
         recon_rows.append({"latent_size": k, **entry})
-        recon_images.append(np.clip(restored[: cfg.grid_size], 0, 1))
+        recon_images.append(np.clip(restored[show], 0, 1))
 
     denoising: dict[str, dict[str, float]] = {}
     grid_rows, grid_labels = [shown], ["clean"]
@@ -90,7 +92,7 @@ def evaluate_pca(params: Params, dataset: str, paths: ProjectPaths) -> EvalResul
             scores[f"pca{k}_psnr"] = m.psnr(clean, np.clip(pca.reconstruct(noisy, k), 0, 1))
         denoising[name] = scores
         best_k = max(sizes, key=lambda k, s=scores: s[f"pca{k}_psnr"])
-        grid_rows += [noisy[: cfg.grid_size], np.clip(pca.reconstruct(noisy[: cfg.grid_size], best_k), 0, 1)]
+        grid_rows += [noisy[show], np.clip(pca.reconstruct(noisy[show], best_k), 0, 1)]
         grid_labels += [name, f"PCA k={best_k}"]
 
     result = {
@@ -103,12 +105,14 @@ def evaluate_pca(params: Params, dataset: str, paths: ProjectPaths) -> EvalResul
     _write_csv(paths.reconstruction_curve(dataset, "pca"), recon_rows)
     report_dir = paths.evaluation_report(dataset, "pca")
     title = f"{dataset}: PCA"
+    spectrogram = manifest.modality == "spectrogram"
     with atomic_dir(report_dir) as tmp:
         save_image_grid(
             [shown, *recon_images],
             ["test", *[f"k={k}" for k in sizes]],
             tmp / "reconstruction.png",
             title=f"{title} reconstructions",
+            spectrogram=spectrogram,
         )
         save_line_plot(
             sizes,
@@ -121,7 +125,11 @@ def evaluate_pca(params: Params, dataset: str, paths: ProjectPaths) -> EvalResul
         )
         if denoising:
             save_image_grid(
-                grid_rows, grid_labels, tmp / "denoising.png", title=f"{title}: corruptions and PCA restorations"
+                grid_rows,
+                grid_labels,
+                tmp / "denoising.png",
+                title=f"{title}: corruptions and PCA restorations",
+                spectrogram=spectrogram,
             )
         write_json(tmp / "summary.json", {"dataset": dataset, "family": "pca", "modality": manifest.modality, **result})
     return EvalResult(result, metrics_path, report_dir)

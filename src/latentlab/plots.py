@@ -34,8 +34,13 @@ def displayable(images: np.ndarray) -> np.ndarray:
     return np.transpose(images[:, :3], (0, 2, 3, 1))
 
 
-def save_image_grid(rows: Sequence[np.ndarray], row_labels: Sequence[str], path: Path, title: str = "") -> Path:
-    """One row per array of images (each (n, C, H, W) in [0, 1]); label on the left."""
+def save_image_grid(
+    rows: Sequence[np.ndarray], row_labels: Sequence[str], path: Path, title: str = "", *, spectrogram: bool = False
+) -> Path:
+    """One row per array of images (each (n, C, H, W) in [0, 1]); label on the left.
+
+    Spectrograms are drawn with low frequencies at the bottom, as is usual.
+    """
     plt = _pyplot()
     n_rows = len(rows)
     n_cols = max(len(r) for r in rows)
@@ -49,7 +54,13 @@ def save_image_grid(rows: Sequence[np.ndarray], row_labels: Sequence[str], path:
             for spine in ax.spines.values():
                 spine.set_visible(False)
             if c < len(shown):
-                ax.imshow(shown[c], cmap="gray" if shown.ndim == 3 else None, vmin=0, vmax=1, origin="upper")
+                ax.imshow(
+                    shown[c],
+                    cmap="gray" if shown.ndim == 3 else None,
+                    vmin=0,
+                    vmax=1,
+                    origin="lower" if spectrogram else "upper",
+                )
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -75,6 +75,7 @@ the MLflow UI holds every run's parameters, metrics and artifacts.</p>
 <table><tr><th class="l">corruption</th><th>noisy input</th>{% for k in f.sizes %}<th>PCA k={{ k }}</th>{% endfor %}</tr>
 {% for name, s in f.denoising.items() %}<tr><td class="l">{{ name }}</td><td>{{ "%.2f"|format(s.noisy_psnr) }}</td>{% for k in f.sizes %}<td>{{ "%.2f"|format(s["pca%d_psnr"|format(k)]) }}</td>{% endfor %}</tr>{% endfor %}
 </table>
+{% for img in f.denoising_images %}<img src="{{ img }}" alt="{{ img }}">{% endfor %}
 {% endif %}
 {% endfor %}
 {% endif %}
@@ -126,7 +127,9 @@ def _dataset_section(name: str, params: Params, paths: ProjectPaths) -> dict[str
             continue
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
         sizes = sorted(int(k) for k in summary["reconstruction"])
-        images = sorted(paths.evaluation_report(name, family).glob("*.png"))
+        figures = paths.evaluation_report(name, family)
+        images = [figures / f for f in ("reconstruction.png", "mse_vs_latent.png") if (figures / f).exists()]
+        denoising_images = [figures / "denoising.png"] if (figures / "denoising.png").exists() else []
         families.append(
             {
                 "title": family.upper() if family == "pca" else family,
@@ -135,6 +138,7 @@ def _dataset_section(name: str, params: Params, paths: ProjectPaths) -> dict[str
                 "reconstruction": [{"k": k, **summary["reconstruction"][str(k)]} for k in sizes],
                 "denoising": summary.get("denoising", {}),
                 "images": [_rel(p, reports) for p in images],
+                "denoising_images": [_rel(p, reports) for p in denoising_images],
             }
         )
     validation_dir = paths.validation_report(name)

@@ -15,7 +15,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.shared_data]
 MNIST = SHARED_DATASETS / "mnist"
 
 
-@pytest.mark.skipif(not MNIST.exists(), reason=f"{MNIST} is absent: the real-data integration test needs ../shared/datasets")
+@pytest.mark.skipif(
+    not MNIST.exists(), reason=f"{MNIST} is absent: the real-data integration test needs ../shared/datasets"
+)
 def test_real_mnist_through_ingest_validate_corrupt_train_evaluate(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = tiny_params(tmp_path, {"mnist": {"kind": "mnist", "path": str(MNIST)}})
