@@ -71,7 +71,12 @@ def tiny_params(data_root: Path, datasets: dict[str, dict[str, Any]]) -> dict[st
     params["pipeline"]["datasets"] = list(datasets)
     params["ingest"]["datasets"] = datasets
     params["validate"]["min_samples"] = {"train": 5, "val": 1, "test": 1}
-    params["train"]["pca"]["latent_sizes"] = [2, 4]
+    params["train"]["models"] = ["pca"]
+    params["train"]["zoo"]["pca"]["latent_sizes"] = [2, 4]
+    params["evaluate"]["latent"]["models"] = ["pca"]
+    params["evaluate"]["latent"]["max_samples"] = 100
+    params["evaluate"]["anomaly"]["datasets"] = []
+    params["evaluate"]["sparsity"]["datasets"] = []
     params["corrupt"]["block_size"] = [4]
     params["evaluate"]["grid_size"] = 4
     return params

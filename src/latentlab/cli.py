@@ -26,7 +26,7 @@ app = typer.Typer(
 T = TypeVar("T")
 Root = Annotated[Path, typer.Option("--root", help="Project folder (holds dvc.yaml and params.yaml).")]
 Dataset = Annotated[str, typer.Argument(help="Dataset name, a key of ingest.datasets in params.yaml.")]
-Family = Annotated[str, typer.Option("--model", "-m", help="Model family, one of train.models.")]
+Model = Annotated[str, typer.Option("--model", "-m", help="Model name, a key of train.zoo listed in train.models.")]
 
 
 def _run(fn: Callable[[], T]) -> T:
@@ -63,19 +63,43 @@ def corrupt(dataset: Dataset, root: Root = Path(".")) -> None:
 
 
 @app.command()
-def train(dataset: Dataset, model: Family = "pca", root: Root = Path(".")) -> None:
-    """Train a model family on a dataset into models/DATASET/MODEL."""
+def train(dataset: Dataset, model: Model = "pca", root: Root = Path(".")) -> None:
+    """Train a model of train.zoo on a dataset into models/DATASET/MODEL."""
     from latentlab import stages
 
     typer.echo(_run(lambda: stages.train(dataset, model, root)))
 
 
 @app.command()
-def evaluate(dataset: Dataset, model: Family = "pca", root: Root = Path(".")) -> None:
+def evaluate(dataset: Dataset, model: Model = "pca", root: Root = Path(".")) -> None:
     """Evaluate a trained model: metrics/DATASET/MODEL.json and figures under reports/."""
     from latentlab import stages
 
     typer.echo(_run(lambda: stages.evaluate(dataset, model, root)))
+
+
+@app.command()
+def compare(dataset: Dataset, root: Root = Path(".")) -> None:
+    """Compare all models of a dataset and classical baselines: metrics/DATASET/compare.json."""
+    from latentlab import stages
+
+    typer.echo(_run(lambda: stages.compare(dataset, root)))
+
+
+@app.command()
+def anomaly(dataset: Dataset, root: Root = Path(".")) -> None:
+    """One-class anomaly detection: a model per normal class, AUROC/AUPRC per class."""
+    from latentlab import stages
+
+    typer.echo(_run(lambda: stages.anomaly(dataset, root)))
+
+
+@app.command()
+def sparsity(dataset: Dataset, root: Root = Path(".")) -> None:
+    """Train the sparse-autoencoder sweep over rho and beta and map its code activations."""
+    from latentlab import stages
+
+    typer.echo(_run(lambda: stages.sparsity(dataset, root)))
 
 
 @app.command()

@@ -147,27 +147,161 @@ class CorruptConfig(Section):
 
 
 # ---------------------------------------------------------------------- train
-class PcaConfig(Section):
-    latent_sizes: tuple[Annotated[int, Field(ge=1)], ...] = (2, 4, 6, 16, 32)  # principal components kept
+LatentSizes = tuple[Annotated[int, Field(ge=1)], ...]
+
+
+class TrainingConfig(Section):
+    """How the training engine fits one network (src/latentlab/engine.py)."""
+
+    epochs: Annotated[int, Field(ge=1)] = 20  # most epochs; early stopping may end sooner
+    batch_size: Annotated[int, Field(ge=1)] = 128  # samples per optimiser step
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3  # Adam learning rate
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0  # L2 penalty (AdamW decoupled decay)
+    patience: Annotated[int, Field(ge=1)] = 5  # epochs without validation improvement before stopping
+    min_delta: Annotated[float, Field(ge=0.0)] = 0.0  # smallest validation-loss decrease that counts
+    checkpoint_every: Annotated[int, Field(ge=1)] = 1  # epochs between resumable checkpoints
     max_train_samples: Annotated[int, Field(ge=2)] | None = None  # cap on training samples; None = all
+    amp: bool = True  # bf16 mixed precision on GPU; ignored on CPU
+
+
+class ModelSpec(Section):
+    """What every entry of ``train.zoo`` has; each family adds its own hyperparameters."""
+
+    latent_sizes: LatentSizes = (2, 4, 6)  # one network (or projection) per latent size
+    # Corruption of the corrupt stage to learn from (corrupted -> clean), per modality,
+    # e.g. {image: gaussian_sigma0.3, spectrogram: white_snr5db}; None = a plain autoencoder.
+    denoise_from: dict[Literal["image", "spectrogram"], str] | None = None
+    training: TrainingConfig = TrainingConfig()
+
+    def corruption_for(self, modality: str) -> str | None:
+        """The corruption this model learns to undo on data of ``modality`` (None: none)."""
+        if self.denoise_from is None:
+            return None
+        try:
+            return self.denoise_from[modality]  # type: ignore[index]
+        except KeyError:
+            raise ConfigError(
+                f"params.yaml: train.zoo.*.denoise_from: no corruption given for {modality} data"
+            ) from None
 
     @model_validator(mode="after")
-    def _sorted_unique(self) -> PcaConfig:
-        if len(set(self.latent_sizes)) != len(self.latent_sizes) or not self.latent_sizes:
+    def _unique_sizes(self) -> ModelSpec:
+        if not self.latent_sizes or len(set(self.latent_sizes)) != len(self.latent_sizes):
             raise ValueError("latent_sizes must be a non-empty list without repeats")
         return self
+
+    def family_options(self) -> dict[str, Any]:
+        """The family's own hyperparameters, as keyword arguments of its model class."""
+        return self.model_dump(exclude={"family", "latent_sizes", "denoise_from", "training"})
+
+
+class PcaSpec(ModelSpec):
+    family: Literal["pca"]
+    latent_sizes: LatentSizes = (2, 4, 6, 16, 32)  # principal components kept
+
+    @model_validator(mode="after")
+    def _not_denoising(self) -> PcaSpec:
+        if self.denoise_from is not None:
+            raise ValueError("PCA is fitted on clean data; denoise_from does not apply")
+        return self
+
+
+class LinearSpec(ModelSpec):
+    family: Literal["linear"]
+
+
+class DeepSpec(ModelSpec):
+    family: Literal["deep"]
+    hidden: tuple[Annotated[int, Field(ge=1)], ...] = (300, 150)  # hidden layer widths of the encoder
+    activation: Literal["selu", "relu"] = "selu"
+
+
+class ConvSpec(ModelSpec):
+    family: Literal["conv"]
+
+
+class ConvPlusSpec(ModelSpec):
+    family: Literal["conv_plus"]
+    channels: tuple[Annotated[int, Field(ge=1)], ...] = (32, 64, 128)  # channels of the strided conv blocks
+
+
+class SparseSpec(ModelSpec):
+    family: Literal["sparse"]
+    rho: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.05  # target mean activation of each code unit
+    beta: Annotated[float, Field(ge=0.0)] = 0.1  # weight of the KL sparsity penalty
+
+
+class ContractiveSpec(ModelSpec):
+    family: Literal["contractive"]
+    lam: Annotated[float, Field(ge=0.0)] = 1e-4  # weight of the squared Frobenius norm of the encoder Jacobian
+
+
+AnyModelSpec = Annotated[
+    PcaSpec | LinearSpec | DeepSpec | ConvSpec | ConvPlusSpec | SparseSpec | ContractiveSpec,
+    Field(discriminator="family"),
+]
 
 
 class TrainConfig(Section):
     seed: Annotated[int, Field(ge=0)] = 0  # seed of subsampling, initialisation and batch order
-    models: tuple[Literal["pca"], ...] = ("pca",)  # model families the pipeline trains on every dataset
-    pca: PcaConfig = PcaConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when present, else CPU
+    threads: Annotated[int, Field(ge=1)] | None = None  # torch CPU threads; None = torch's default
+    models: tuple[str, ...] = ("pca",)  # models (keys of zoo) the pipeline trains on every dataset
+    zoo: dict[str, AnyModelSpec] = {"pca": PcaSpec(family="pca")}  # every model, by name
+
+    @model_validator(mode="after")
+    def _models_defined(self) -> TrainConfig:
+        for name in self.models:
+            if name not in self.zoo:
+                raise ValueError(f"model {name!r} is listed in train.models but not defined under train.zoo")
+        return self
+
+    def spec(self, name: str) -> AnyModelSpec:
+        try:
+            return self.zoo[name]
+        except KeyError:
+            raise ConfigError(
+                f"params.yaml: train.zoo: no model named {name!r} (defined: {', '.join(sorted(self.zoo))})"
+            ) from None
 
 
 # ------------------------------------------------------------------- evaluate
+class LatentConfig(Section):
+    methods: tuple[Literal["pca", "tsne", "umap"], ...] = ("pca", "tsne", "umap")  # 2-D maps of the test codes
+    models: tuple[str, ...] = ("conv_plus",)  # models whose codes are mapped (k-means scores are computed for all)
+    max_samples: Annotated[int, Field(ge=10)] = 2000  # test codes embedded (t-SNE is quadratic in this)
+
+
+class AnomalyConfig(Section):
+    """One-class anomaly detection: per class, train on that class only, score the test set."""
+
+    datasets: tuple[str, ...] = ("mnist", "fashion_mnist")  # datasets the anomaly stage runs on
+    model: str = "conv_plus"  # a key of train.zoo whose family and options are used
+    latent_size: Annotated[int, Field(ge=1)] = 16
+    threshold_percentile: Annotated[float, Field(gt=0.0, lt=100.0)] = 95.0  # of normal validation scores
+    training: TrainingConfig = TrainingConfig()  # for each one-class model
+    max_test_samples: Annotated[int, Field(ge=10)] | None = None  # cap on scored test samples; None = all
+
+
+class SparsityConfig(Section):
+    """The sparse autoencoder sweep whose code activations the report shows."""
+
+    datasets: tuple[str, ...] = ("mnist",)
+    latent_size: Annotated[int, Field(ge=1)] = 64  # code units
+    rho: tuple[Annotated[float, Field(gt=0.0, lt=1.0)], ...] = (0.05, 0.1, 0.5)  # target mean activations
+    beta: tuple[Annotated[float, Field(ge=0.0)], ...] = (0.0, 0.1, 1.0)  # penalty weights
+    training: TrainingConfig = TrainingConfig()
+
+
 class EvaluateConfig(Section):
     max_test_samples: Annotated[int, Field(ge=1)] | None = None  # cap on test samples; None = all
     grid_size: Annotated[int, Field(ge=1, le=64)] = 8  # images per row of example grids
+    median_size: Annotated[int, Field(ge=2)] = 3  # window of the median-filter baseline, pixels
+    blur_sigma: Annotated[float, Field(gt=0.0)] = 1.0  # std of the Gaussian-blur baseline, pixels
+    latent: LatentConfig = LatentConfig()
+    anomaly: AnomalyConfig = AnomalyConfig()
+    sparsity: SparsityConfig = SparsityConfig()
+    audio_examples: Annotated[int, Field(ge=0, le=20)] = 3  # noisy/cleaned/clean WAV triples in the speech report
 
 
 # --------------------------------------------------------------------- report
@@ -211,6 +345,7 @@ class Params(Section):
 
 
 _SOURCE_KINDS = frozenset({"mnist", "fashion_mnist", "idx", "image_folder", "csv", "sat6", "speech"})
+_MODEL_FAMILIES = frozenset({"pca", "linear", "deep", "conv", "conv_plus", "sparse", "contractive"})
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
@@ -244,6 +379,8 @@ def _first_error(exc: ValidationError) -> str:
     loc: list[str] = []
     for part in err["loc"]:
         if len(loc) >= 2 and loc[-2] == "datasets" and part in _SOURCE_KINDS:
+            continue
+        if len(loc) >= 2 and loc[-2] == "zoo" and part in _MODEL_FAMILIES:
             continue
         loc.append(str(part))
     key = ".".join(loc) or "(top level)"

@@ -1,15 +1,19 @@
-"""The ``evaluate`` stage: score a trained model on the test split.
+"""The ``evaluate`` stage: score one trained model of ``train.zoo`` on a dataset's test split.
 
-For every family: reconstruction error of clean test samples (MSE, PSNR) at
-each latent size, and how well the model restores each corruption of the
-``corrupt`` stage (PSNR of the noisy input against the restoration). Writes a
-DVC metrics file, DVC plot tables, and figures for the report.
+For every latent size: reconstruction error of the clean test samples (MSE,
+PSNR, SSIM); for a denoising model, the same against the clean images from its
+corruption; and for the largest latent size, the latent space: 2-D maps of the
+test codes (PCA, t-SNE, UMAP), an interactive 3-D page of the leading principal
+components, and k-means on the codes against the labels (NMI, ARI).
+
+Writes a DVC metrics file, a DVC plot table and figures for the report.
+Comparisons across models and with classical baselines are the ``compare``
+stage's (:mod:`latentlab.compare`).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,122 +24,196 @@ import numpy as np
 from latentlab import metrics as m
 from latentlab.atomic import atomic_dir, atomic_path, write_json
 from latentlab.config import Params
-from latentlab.data.store import load_manifest, load_split, to_unit_float
-from latentlab.models.pca import PCA
+from latentlab.data.store import Manifest, SplitArrays, load_manifest, load_split, to_unit_float
 from latentlab.paths import ProjectPaths
-from latentlab.plots import save_image_grid, save_line_plot
+
+Array = np.ndarray
 
 
 @dataclass(frozen=True)
-class EvalResult:
-    metrics: dict[str, Any]  # what goes to metrics/{dataset}/{family}.json
-    metrics_path: Path
-    report_dir: Path
+class Reconstructor:
+    """One trained model at one latent size, as numpy functions on float images (N, C, H, W)."""
+
+    model: str  # name in train.zoo
+    family: str
+    latent_size: int
+    denoise_from: str | None
+    encode: Callable[[Array], Array]  # (N, C, H, W) -> (N, k)
+    reconstruct: Callable[[Array], Array]  # (N, C, H, W) -> (N, C, H, W), clipped to [0, 1]
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} k={self.latent_size}"
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def load_reconstructors(params: Params, dataset: str, model: str, paths: ProjectPaths) -> list[Reconstructor]:
+    """Every latent size of a trained model, smallest first."""
+    spec = params.train.spec(model)
+    folder = paths.model(dataset, model)
+    if spec.family == "pca":
+        from latentlab.models.pca import PCA
+
+        pca = PCA.load(folder / "pca.npz")
+        return [
+            Reconstructor(
+                model,
+                "pca",
+                k,
+                None,
+                encode=lambda x, k=k: pca.encode(x, k).astype(np.float32),
+                reconstruct=lambda x, k=k: np.clip(pca.reconstruct(x, k), 0.0, 1.0),
+            )
+            for k in sorted(spec.latent_sizes)
+        ]
+    from latentlab import engine
+
+    device = engine.pick_device(params.train.device)
+    out = []
+    for k in sorted(spec.latent_sizes):
+        net, meta = engine.load_model(folder / f"k{k}.pt", device)
+        out.append(
+            Reconstructor(
+                model,
+                spec.family,
+                k,
+                meta.get("denoise_from"),
+                encode=lambda x, net=net: engine.encode(net, x, device),
+                reconstruct=lambda x, net=net: np.clip(engine.reconstruct(net, x, device), 0.0, 1.0),
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """The (possibly capped) test split, as float images, and the rows kept."""
+
+    arrays: SplitArrays
+    rows: np.ndarray  # indices into the full test split (to align corrupted copies)
+    clean: Array  # float32 (N, C, H, W)
+    show: np.ndarray  # rows (into ``clean``) drawn in example grids: evenly spaced, so every class shows
+
+
+def load_test_set(params: Params, dataset: str, paths: ProjectPaths) -> TestSet:
+    from latentlab.train import subsample_index
+
+    full = load_split(paths.processed(dataset), "test")
+    rows = subsample_index(len(full), params.evaluate.max_test_samples, params.train.seed)
+    arrays = full.subset(rows)
+    clean = arrays.unit_float()
+    show = np.unique(np.linspace(0, len(clean) - 1, params.evaluate.grid_size).round().astype(int))
+    return TestSet(arrays, rows, clean, show)
+
+
+def corrupted_test(paths: ProjectPaths, dataset: str, corruption: str, test: TestSet) -> Array:
+    """The test rows of ``test`` under ``corruption``, float32 (N, C, H, W)."""
+    from latentlab.corrupt import load_corruption
+
+    return to_unit_float(load_corruption(paths.corrupted(dataset), corruption, "test").x[test.rows])
+
+
+def quality(reference: Array, estimate: Array) -> dict[str, float]:
+    return {"mse": m.mse(reference, estimate), "psnr": m.psnr(reference, estimate), "ssim": m.ssim(reference, estimate)}
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
 
 
-def _corruptions(corrupted_dir: Path) -> list[dict[str, Any]]:
-    """The corruption entries of the ``corrupt`` stage's manifest (empty when absent)."""
-    path = corrupted_dir / "manifest.json"
-    if not path.exists():
-        return []
-    return list(json.loads(path.read_text(encoding="utf-8"))["corruptions"])
+def latent_space(
+    rec: Reconstructor, test: TestSet, manifest: Manifest, params: Params, figures: Path, title: str
+) -> dict[str, float]:
+    """Maps of the test codes and k-means agreement with the labels."""
+    from latentlab.latent_maps import embed_2d, save_latent_map, save_pca3d_html
+    from latentlab.train import subsample_index
+
+    cfg = params.evaluate.latent
+    rows = subsample_index(len(test.clean), cfg.max_samples, params.train.seed)
+    codes, labels = rec.encode(test.clean[rows]), test.arrays.y[rows]
+    agreement = m.cluster_agreement(codes, labels, len(manifest.class_names), params.train.seed)
+    if rec.model not in cfg.models:
+        return agreement
+    for method in cfg.methods:
+        embedding = embed_2d(codes, method, params.train.seed)
+        save_latent_map(
+            embedding,
+            labels,
+            manifest.class_names,
+            figures / f"latent_{method}.png",
+            f"{title}: {method.upper()} of test codes",
+        )
+    save_pca3d_html(
+        codes, labels, manifest.class_names, figures / "latent_pca3d.html", f"{title}: 3 leading principal components"
+    )
+    return m.cluster_agreement(codes, labels, len(manifest.class_names), params.train.seed)
 
 
-def evaluate_pca(params: Params, dataset: str, paths: ProjectPaths) -> EvalResult:
-    from latentlab.corrupt import load_corruption
+def evaluate_model(params: Params, dataset: str, model: str, paths: ProjectPaths) -> tuple[dict[str, Any], Path, Path]:
+    """Evaluate ``model`` on ``dataset``; returns (metrics, metrics file, figures folder)."""
+    from latentlab.plots import save_image_grid, save_line_plot
 
-    cfg = params.evaluate
     manifest = load_manifest(paths.processed(dataset))
-    pca = PCA.load(paths.model(dataset, "pca") / "pca.npz")
-    sizes = sorted(params.train.pca.latent_sizes)
-    test_full = load_split(paths.processed(dataset), "test")
-    limit = cfg.max_test_samples
-    # The same seeded subset of test rows for clean and corrupted inputs (rows align).
-    keep = np.arange(len(test_full))
-    if limit is not None and len(test_full) > limit:
-        keep = np.sort(np.random.default_rng(params.train.seed).permutation(len(test_full))[:limit])
-    test = test_full.subset(keep)
-    clean = test.unit_float()
-
-    reconstruction: dict[str, dict[str, float]] = {}
-    recon_rows: list[dict[str, Any]] = []
-    recon_images = []
-    # Test rows are grouped by class: evenly spaced rows show every class.
-    show = np.unique(np.linspace(0, len(clean) - 1, cfg.grid_size).round().astype(int))
-    shown = clean[show]
-    for k in sizes:
-        restored = pca.reconstruct(clean, k)
-        entry = {
-            "mse": m.mse(clean, restored),
-            "psnr": m.psnr(clean, np.clip(restored, 0, 1)),
-            "explained_variance_ratio": pca.explained_variance_ratio(k),
-        }
-        reconstruction[str(k)] = entry
-        recon_rows.append({"latent_size": k, **entry})
-        recon_images.append(np.clip(restored[show], 0, 1))
-
-    denoising: dict[str, dict[str, float]] = {}
-    grid_rows, grid_labels = [shown], ["clean"]
-    best_k = sizes[-1]
-    for entry in _corruptions(paths.corrupted(dataset)):
-        name = entry["name"]
-        noisy = to_unit_float(load_corruption(paths.corrupted(dataset), name, "test").x[keep])
-        scores = {"noisy_psnr": m.psnr(clean, noisy)}
-        for k in sizes:
-            scores[f"pca{k}_psnr"] = m.psnr(clean, np.clip(pca.reconstruct(noisy, k), 0, 1))
-        denoising[name] = scores
-        best_k = max(sizes, key=lambda k, s=scores: s[f"pca{k}_psnr"])
-        grid_rows += [noisy[show], np.clip(pca.reconstruct(noisy[show], best_k), 0, 1)]
-        grid_labels += [name, f"PCA k={best_k}"]
-
-    result = {
-        "n_test": len(test),
-        "reconstruction": reconstruction,
-        "denoising": denoising,
-    }
-    metrics_path = paths.metrics(dataset, "pca")
-    write_json(metrics_path, result)
-    _write_csv(paths.reconstruction_curve(dataset, "pca"), recon_rows)
-    report_dir = paths.evaluation_report(dataset, "pca")
-    title = f"{dataset}: PCA"
     spectrogram = manifest.modality == "spectrogram"
-    with atomic_dir(report_dir) as tmp:
+    test = load_test_set(params, dataset, paths)
+    reconstructors = load_reconstructors(params, dataset, model, paths)
+    title = f"{dataset}: {model}"
+    result: dict[str, Any] = {"n_test": len(test.clean), "family": reconstructors[0].family, "reconstruction": {}}
+    grid_rows, grid_labels, curve = [test.clean[test.show]], ["test"], []
+    for rec in reconstructors:
+        restored = rec.reconstruct(test.clean)
+        scores = quality(test.clean, restored)
+        if rec.family == "pca":
+            from latentlab.models.pca import PCA
+
+            scores["explained_variance_ratio"] = PCA.load(
+                paths.model(dataset, model) / "pca.npz"
+            ).explained_variance_ratio(rec.latent_size)
+        result["reconstruction"][str(rec.latent_size)] = scores
+        curve.append({"latent_size": rec.latent_size, **scores})
+        grid_rows.append(restored[test.show])
+        grid_labels.append(f"k={rec.latent_size}")
+
+    largest = reconstructors[-1]
+    with atomic_dir(paths.evaluation_report(dataset, model)) as figures:
         save_image_grid(
-            [shown, *recon_images],
-            ["test", *[f"k={k}" for k in sizes]],
-            tmp / "reconstruction.png",
+            grid_rows,
+            grid_labels,
+            figures / "reconstruction.png",
             title=f"{title} reconstructions",
             spectrogram=spectrogram,
         )
         save_line_plot(
-            sizes,
-            {"test MSE": [reconstruction[str(k)]["mse"] for k in sizes]},
-            tmp / "mse_vs_latent.png",
-            xlabel="latent size (principal components)",
+            [r["latent_size"] for r in curve],
+            {"test MSE": [r["mse"] for r in curve]},
+            figures / "mse_vs_latent.png",
+            xlabel="latent size",
             ylabel="test MSE (pixels in [0, 1])",
             title=f"{title}: reconstruction error",
             logy=True,
         )
-        if denoising:
+        if largest.denoise_from is not None:
+            noisy = corrupted_test(paths, dataset, largest.denoise_from, test)
+            result["denoising"] = {"corruption": largest.denoise_from, "noisy": quality(test.clean, noisy)}
+            rows, labels = [test.clean[test.show], noisy[test.show]], ["clean", largest.denoise_from]
+            for rec in reconstructors:
+                restored = rec.reconstruct(noisy)
+                result["denoising"][f"k{rec.latent_size}"] = quality(test.clean, restored)
+                rows.append(restored[test.show])
+                labels.append(f"k={rec.latent_size}")
             save_image_grid(
-                grid_rows,
-                grid_labels,
-                tmp / "denoising.png",
-                title=f"{title}: corruptions and PCA restorations",
-                spectrogram=spectrogram,
+                rows, labels, figures / "denoising.png", title=f"{title}: denoising", spectrogram=spectrogram
             )
-        write_json(tmp / "summary.json", {"dataset": dataset, "family": "pca", "modality": manifest.modality, **result})
-    return EvalResult(result, metrics_path, report_dir)
-
-
-Evaluator = Callable[[Params, str, ProjectPaths], EvalResult]
-
-#: Model family name -> evaluator.
-EVALUATORS: dict[str, Evaluator] = {"pca": evaluate_pca}
+        result["latent"] = {
+            "latent_size": largest.latent_size,
+            **latent_space(largest, test, manifest, params, figures, f"{title} k={largest.latent_size}"),
+        }
+        write_json(
+            figures / "summary.json", {"dataset": dataset, "model": model, "modality": manifest.modality, **result}
+        )
+    metrics_path = paths.metrics(dataset, model)
+    write_json(metrics_path, result)
+    write_csv(paths.reconstruction_curve(dataset, model), curve)
+    return result, metrics_path, paths.evaluation_report(dataset, model)

@@ -45,17 +45,38 @@ def corrupt_task(dataset: str, root: str) -> str:
     return str(out)
 
 
-@task(name="train", task_run_name="train-{family}-{dataset}", cache_policy=NONE)
-def train_task(dataset: str, family: str, root: str) -> str:
-    out = stages.train(dataset, family, Path(root))
-    get_run_logger().info("trained %s on %s into %s", family, dataset, out)
+@task(name="train", task_run_name="train-{model}-{dataset}", cache_policy=NONE)
+def train_task(dataset: str, model: str, root: str) -> str:
+    out = stages.train(dataset, model, Path(root))
+    get_run_logger().info("trained %s on %s into %s", model, dataset, out)
     return str(out)
 
 
-@task(name="evaluate", task_run_name="evaluate-{family}-{dataset}", cache_policy=NONE)
-def evaluate_task(dataset: str, family: str, root: str) -> str:
-    out = stages.evaluate(dataset, family, Path(root))
-    get_run_logger().info("evaluated %s on %s: %s", family, dataset, out)
+@task(name="evaluate", task_run_name="evaluate-{model}-{dataset}", cache_policy=NONE)
+def evaluate_task(dataset: str, model: str, root: str) -> str:
+    out = stages.evaluate(dataset, model, Path(root))
+    get_run_logger().info("evaluated %s on %s: %s", model, dataset, out)
+    return str(out)
+
+
+@task(name="compare", task_run_name="compare-{dataset}", cache_policy=NONE)
+def compare_task(dataset: str, root: str) -> str:
+    out = stages.compare(dataset, Path(root))
+    get_run_logger().info("compared the models of %s: %s", dataset, out)
+    return str(out)
+
+
+@task(name="anomaly", task_run_name="anomaly-{dataset}", cache_policy=NONE)
+def anomaly_task(dataset: str, root: str) -> str:
+    out = stages.anomaly(dataset, Path(root))
+    get_run_logger().info("anomaly detection on %s: %s", dataset, out)
+    return str(out)
+
+
+@task(name="sparsity", task_run_name="sparsity-{dataset}", cache_policy=NONE)
+def sparsity_task(dataset: str, root: str) -> str:
+    out = stages.sparsity(dataset, Path(root))
+    get_run_logger().info("sparsity sweep on %s: %s", dataset, out)
     return str(out)
 
 
@@ -78,7 +99,12 @@ def pipeline_flow(root: str = ".", datasets: list[str] | None = None) -> str:
         ingest_task(dataset, root)
         validate_task(dataset, root)
         corrupt_task(dataset, root)
-        for family in params.train.models:
-            train_task(dataset, family, root)
-            evaluate_task(dataset, family, root)
+        for model in params.train.models:
+            train_task(dataset, model, root)
+            evaluate_task(dataset, model, root)
+        compare_task(dataset, root)
+        if dataset in params.evaluate.anomaly.datasets:
+            anomaly_task(dataset, root)
+        if dataset in params.evaluate.sparsity.datasets:
+            sparsity_task(dataset, root)
     return report_task(root)

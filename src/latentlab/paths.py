@@ -40,6 +40,18 @@ class ProjectPaths:
         """Folder with the trained model of ``family`` on ``dataset``."""
         return self.root / "models" / dataset / family
 
+    def checkpoint(self, dataset: str, model: str, latent_size: int) -> Path:
+        """Resumable training state (not a DVC output: DVC deletes outputs before a stage reruns)."""
+        return self.root / "checkpoints" / dataset / model / f"k{latent_size}.pt"
+
+    def anomaly_checkpoint(self, dataset: str, label: int) -> Path:
+        """Resumable training state of the one-class model of class ``label`` (anomaly stage)."""
+        return self.root / "checkpoints" / dataset / "anomaly" / f"class{label}.pt"
+
+    def sparsity_checkpoint(self, dataset: str, rho: float, beta: float) -> Path:
+        """Resumable training state of one setting of the sparse-autoencoder sweep."""
+        return self.root / "checkpoints" / dataset / "sparsity" / f"rho{rho:g}_beta{beta:g}.pt"
+
     def metrics(self, dataset: str, family: str) -> Path:
         """Metrics JSON of ``family`` on ``dataset`` (a DVC metrics file)."""
         return self.root / "metrics" / dataset / f"{family}.json"
@@ -47,6 +59,21 @@ class ProjectPaths:
     def reconstruction_curve(self, dataset: str, family: str) -> Path:
         """CSV of test reconstruction error against latent size (a DVC plot)."""
         return self.root / "metrics" / dataset / f"{family}_reconstruction.csv"
+
+    def study_metrics(self, study: str, dataset: str) -> Path:
+        """Metrics JSON of a cross-model study (compare, anomaly, sparsity) on ``dataset``.
+
+        Kept apart from ``metrics/{dataset}/`` because a study reads that folder.
+        """
+        return self.root / "metrics" / study / f"{dataset}.json"
+
+    def study_table(self, study: str, dataset: str) -> Path:
+        """CSV table of a study (a DVC plot)."""
+        return self.root / "metrics" / study / f"{dataset}.csv"
+
+    def study_report(self, study: str, dataset: str) -> Path:
+        """Figures and summary of a study on ``dataset``."""
+        return self.root / "reports" / study / dataset
 
     @property
     def reports(self) -> Path:

@@ -100,3 +100,127 @@ def save_line_plot(
         fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return path
+
+
+def save_roc_curves(
+    curves: dict[str, tuple[Sequence[float], Sequence[float], float]], path: Path, title: str = ""
+) -> Path:
+    """ROC curves, one per name: ``{name: (fpr (M,), tpr (M,), auc)}``, with the chance diagonal."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="chance (0.500)")
+    for name, (fpr, tpr, auc) in curves.items():
+        ax.plot(np.asarray(fpr), np.asarray(tpr), linewidth=1.5, label=f"{name} ({float(auc):.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", title="AUROC", title_fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def save_score_histograms(
+    normal_scores: np.ndarray,
+    anomaly_scores: np.ndarray,
+    threshold: float | None,
+    path: Path,
+    title: str = "",
+    *,
+    xlabel: str = "anomaly score",
+    logx: bool = False,
+) -> Path:
+    """Overlaid density histograms of normal (N,) and anomalous (M,) scores on shared bins.
+
+    ``threshold`` (score > threshold flags an anomaly) is drawn as a vertical
+    line; ``logx`` uses log-spaced bins (positive scores such as errors only).
+    """
+    plt = _pyplot()
+    normal = np.asarray(normal_scores, dtype=np.float64).reshape(-1)
+    anomaly = np.asarray(anomaly_scores, dtype=np.float64).reshape(-1)
+    both = np.concatenate([normal, anomaly])
+    both = both[np.isfinite(both)]
+    if both.size == 0:
+        raise ValueError("no finite scores to draw")
+    lo, hi = float(both.min()), float(both.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    use_log = logx and lo > 0
+    bins = np.geomspace(lo, hi, 41) if use_log else np.linspace(lo, hi, 41)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for scores, name, colour in ((normal, "normal", "tab:blue"), (anomaly, "anomalous", "tab:red")):
+        scores = scores[np.isfinite(scores)]
+        if scores.size:
+            ax.hist(scores, bins=bins, density=True, alpha=0.5, color=colour, label=f"{name} (n={scores.size})")
+    if threshold is not None and np.isfinite(threshold):
+        ax.axvline(float(threshold), color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.4g}")
+    if use_log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def save_code_activations(
+    activations: dict[str, np.ndarray], path: Path, title: str = "", *, n_samples: int = 50, max_cols: int = 4
+) -> Path:
+    """Code activity per setting (e.g. one per sparsity target rho and weight beta).
+
+    ``activations`` maps a label to codes (N, k). Each setting gets a labelled
+    panel pair: on top a heatmap of the codes of its first ``n_samples``
+    samples (rows) by unit (columns), below the mean activation of every unit
+    over all N samples as bars, with the overall mean in the panel title. At
+    most ``max_cols`` settings per row of the grid.
+    """
+    if not activations:
+        raise ValueError("no activations to draw")
+    plt = _pyplot()
+    items = [(name, np.asarray(codes, dtype=np.float64).reshape(len(codes), -1)) for name, codes in activations.items()]
+    n_cols = min(max_cols, len(items))
+    n_grid_rows = -(-len(items) // n_cols)
+    fig = plt.figure(figsize=(3.3 * n_cols, 3.7 * n_grid_rows + 0.5))
+    outer = fig.add_gridspec(n_grid_rows, n_cols, hspace=0.45, wspace=0.35)
+    for i, (name, codes) in enumerate(items):
+        r, c = divmod(i, n_cols)
+        # Per setting: heatmap and its colour bar on top, mean activation per unit below.
+        cell = outer[r, c].subgridspec(2, 2, height_ratios=[2, 1], width_ratios=[20, 1], hspace=0.12, wspace=0.05)
+        top = fig.add_subplot(cell[0, 0])
+        bar_axis = fig.add_subplot(cell[0, 1])
+        bottom = fig.add_subplot(cell[1, 0], sharex=top)
+        shown = codes[:n_samples]
+        finite = codes[np.isfinite(codes)]
+        lo = min(0.0, float(finite.min())) if finite.size else 0.0
+        hi = max(float(finite.max()), lo + 1e-12) if finite.size else 1.0
+        image = top.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis", vmin=lo, vmax=hi)
+        top.set_title(f"{name}\nmean activation {np.nanmean(codes):.3g}", fontsize=8)
+        top.set_ylabel(f"sample (first {len(shown)})", fontsize=7)
+        top.tick_params(labelsize=6, labelbottom=False)
+        fig.colorbar(image, cax=bar_axis).ax.tick_params(labelsize=6)
+        means = np.nanmean(codes, axis=0) if len(codes) else np.zeros(codes.shape[1])
+        bottom.bar(np.arange(len(means)), means, width=0.9, color="tab:blue")
+        bottom.set_xlim(-0.5, len(means) - 0.5)
+        bottom.set_xlabel("unit", fontsize=7)
+        bottom.set_ylabel("mean", fontsize=7)
+        bottom.tick_params(labelsize=6)
+        bottom.grid(alpha=0.3, axis="y")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -104,52 +104,115 @@ def corrupt(dataset: str, root: Path = Path(".")) -> Path:
     return out_dir
 
 
-def _family(params: Params, family: str) -> None:
-    from latentlab.train import TRAINERS
+def _model(params: Params, model: str) -> str:
+    """The family of ``model``, which must be listed in train.models."""
+    spec = params.train.spec(model)
+    if model not in params.train.models:
+        raise ConfigError(f"params.yaml: train.models: {model!r} is defined in train.zoo but not listed")
+    return spec.family
 
-    if family not in TRAINERS:
-        raise ConfigError(f"model family {family!r} is unknown (known: {', '.join(sorted(TRAINERS))})")
-    if family not in params.train.models:
-        raise ConfigError(f"params.yaml: train.models: {family!r} is not listed")
 
-
-def train(dataset: str, family: str = "pca", root: Path = Path(".")) -> Path:
-    """Train model ``family`` on ``dataset`` into ``models/{dataset}/{family}``."""
-    from latentlab.train import TRAINERS
+def train(dataset: str, model: str = "pca", root: Path = Path(".")) -> Path:
+    """Train ``model`` (a key of train.zoo) on ``dataset`` into ``models/{dataset}/{model}``."""
+    from latentlab.train import trainer_for
 
     params, paths = _setup(root)
     params.dataset(dataset)
-    _family(params, family)
+    family = _model(params, model)
     with stage_run(
-        "train", dataset, root=paths.root, experiment=params.pipeline.experiment, tags={"latentlab.model": family}
+        "train",
+        dataset,
+        root=paths.root,
+        experiment=params.pipeline.experiment,
+        tags={"latentlab.model": model, "latentlab.family": family},
     ) as run:
-        result = TRAINERS[family](params, paths.processed(dataset), paths.model(dataset, family))
+        result = trainer_for(family)(params, dataset, model, paths, run)
         run.log_params(result.params)
         run.log_metrics(result.metrics)
-        run.log_artifact(result.model_dir, "model")
+        run.log_artifact(result.model_dir, "model_files")
     return result.model_dir
 
 
-def evaluate(dataset: str, family: str = "pca", root: Path = Path(".")) -> Path:
-    """Evaluate model ``family`` on ``dataset``: metrics, plots and figures."""
-    from latentlab.evaluate import EVALUATORS
+def evaluate(dataset: str, model: str = "pca", root: Path = Path(".")) -> Path:
+    """Evaluate ``model`` on ``dataset``: metrics, plots and figures."""
+    from latentlab.evaluate import evaluate_model
 
     params, paths = _setup(root)
     params.dataset(dataset)
-    _family(params, family)
+    family = _model(params, model)
     with stage_run(
         "evaluate",
         dataset,
         root=paths.root,
         experiment=params.pipeline.experiment,
-        params=params.evaluate.model_dump(mode="json"),
-        tags={"latentlab.model": family},
+        params=params.evaluate.model_dump(mode="json", include={"max_test_samples", "grid_size", "latent"}),
+        tags={"latentlab.model": model, "latentlab.family": family},
     ) as run:
-        result = EVALUATORS[family](params, dataset, paths)
-        run.log_metrics(result.metrics)
-        run.log_artifact(result.metrics_path, "metrics")
-        run.log_artifact(result.report_dir, "figures")
-    return result.metrics_path
+        metrics, metrics_path, figures = evaluate_model(params, dataset, model, paths)
+        run.log_metrics(metrics)
+        run.log_artifact(metrics_path, "metrics")
+        run.log_artifact(figures, "figures")
+    return metrics_path
+
+
+def compare(dataset: str, root: Path = Path(".")) -> Path:
+    """Compare every model of ``dataset`` with each other and with classical methods."""
+    from latentlab.compare import compare_dataset
+
+    params, paths = _setup(root)
+    params.dataset(dataset)
+    with stage_run(
+        "compare",
+        dataset,
+        root=paths.root,
+        experiment=params.pipeline.experiment,
+        params=params.evaluate.model_dump(
+            mode="json", include={"max_test_samples", "median_size", "blur_sigma", "audio_examples"}
+        ),
+    ) as run:
+        metrics, metrics_path, figures = compare_dataset(params, dataset, paths)
+        run.log_metrics({k: v for k, v in metrics.items() if k in ("denoising", "inpainting", "speech_cleaning")})
+        run.log_artifact(metrics_path, "metrics")
+        run.log_artifact(figures, "figures")
+    return metrics_path
+
+
+def anomaly(dataset: str, root: Path = Path(".")) -> Path:
+    """One-class anomaly detection on ``dataset``: one model per normal class."""
+    from latentlab.anomaly import run_anomaly
+
+    params, paths = _setup(root)
+    params.dataset(dataset)
+    cfg = params.evaluate.anomaly
+    with stage_run(
+        "anomaly", dataset, root=paths.root, experiment=params.pipeline.experiment, params=cfg.model_dump(mode="json")
+    ) as run:
+        metrics, metrics_path, figures = run_anomaly(
+            params, dataset, paths, log=lambda m, step: run.log_metrics(m, step)
+        )
+        run.log_metrics({"mean_auroc": metrics["mean_auroc"], "mean_auprc": metrics["mean_auprc"]})
+        run.log_artifact(metrics_path, "metrics")
+        run.log_artifact(figures, "figures")
+    return metrics_path
+
+
+def sparsity(dataset: str, root: Path = Path(".")) -> Path:
+    """The sparse-autoencoder sweep over rho and beta on ``dataset``."""
+    from latentlab.sparsity import run_sparsity
+
+    params, paths = _setup(root)
+    params.dataset(dataset)
+    cfg = params.evaluate.sparsity
+    with stage_run(
+        "sparsity", dataset, root=paths.root, experiment=params.pipeline.experiment, params=cfg.model_dump(mode="json")
+    ) as run:
+        metrics, metrics_path, figures = run_sparsity(
+            params, dataset, paths, log=lambda m, step: run.log_metrics(m, step)
+        )
+        run.log_metrics(metrics)
+        run.log_artifact(metrics_path, "metrics")
+        run.log_artifact(figures, "figures")
+    return metrics_path
 
 
 def report(root: Path = Path(".")) -> Path:

@@ -96,6 +96,20 @@ class RunLogger:
 
         self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def log_torch_model(self, model: Any, name: str) -> None:
+        """Log a torch module as an MLflow model (loadable with ``mlflow.pytorch.load_model``)."""
+        import mlflow.pytorch
+        import torch
+
+        # The run is the fluent API's active run (see stage_run). Pinning the
+        # requirement skips MLflow's slow environment inference.
+        mlflow.pytorch.log_model(
+            model,
+            name=name,
+            serialization_format="pickle",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
@@ -128,6 +142,7 @@ def stage_run(
     tags: Mapping[str, Any] | None = None,
 ) -> Iterator[RunLogger]:
     """Open one MLflow run for one stage execution and close it with the right status."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     Path(root, "mlruns").mkdir(parents=True, exist_ok=True)
@@ -142,6 +157,9 @@ def stage_run(
         all_tags["latentlab.dataset"] = dataset
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    # Also the fluent API's active run, for the calls that exist only there (log_model).
+    mlflow.set_tracking_uri(client.tracking_uri)
+    mlflow.start_run(run_id=run.info.run_id)
     logger = RunLogger(client, run.info.run_id)
     status = "FAILED"
     try:
@@ -158,5 +176,5 @@ def stage_run(
             logger.set_tags({"latentlab.error": str(exc)[:5000]})
         raise
     finally:
-        client.set_terminated(run.info.run_id, status=status)
+        mlflow.end_run(status=status)
         log.info("MLflow run %s (%s) ended %s", run.info.run_id, run_name, status)

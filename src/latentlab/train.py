@@ -1,23 +1,36 @@
-"""The ``train`` stage: fit one model family on one dataset's training split.
+"""The ``train`` stage: fit one model of ``train.zoo`` on one dataset's training split.
 
-Families are chosen by name through :data:`TRAINERS`. Every trainer reads the
-processed training split, writes its model folder atomically and returns the
+PCA is fitted in closed form; every neural family goes through the training
+engine (:mod:`latentlab.engine`). Trainers are chosen by family through
+:data:`TRAINERS`; each writes its model folder atomically and returns the
 figures worth logging.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from latentlab.atomic import atomic_dir, write_json
-from latentlab.config import Params
-from latentlab.data.store import SplitArrays, load_split
+from latentlab.config import ModelSpec, Params, PcaSpec
+from latentlab.data.store import SplitArrays, load_manifest, load_split, to_unit_float
+from latentlab.errors import ConfigError
 from latentlab.models.pca import PCA
+from latentlab.paths import ProjectPaths
+
+
+class RunLog(Protocol):
+    """What a trainer may log (implemented by :class:`latentlab.tracking.RunLogger`)."""
+
+    def log_metrics(self, metrics: dict[str, Any], step: int = 0) -> None: ...
+    def log_series(self, key: str, values: list[float], start_step: int = 0) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_torch_model(self, model: Any, name: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -27,37 +40,159 @@ class TrainResult:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+def subsample_index(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted row indices: all of ``0..n-1``, or ``limit`` of them from a seeded permutation."""
+    if limit is None or n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
 def subsample(arrays: SplitArrays, limit: int | None, seed: int) -> SplitArrays:
     """At most ``limit`` samples, drawn without replacement from a seeded permutation."""
-    if limit is None or len(arrays) <= limit:
-        return arrays
-    index = np.sort(np.random.default_rng(seed).permutation(len(arrays))[:limit])
-    return arrays.subset(index)
+    return arrays.subset(subsample_index(len(arrays), limit, seed))
 
 
-def train_pca(params: Params, processed_dir: Path, model_dir: Path) -> TrainResult:
+def train_pca(params: Params, dataset: str, name: str, paths: ProjectPaths, run: RunLog | None) -> TrainResult:
     """Fit PCA once at the largest latent size; smaller sizes are its prefixes."""
-    cfg = params.train.pca
-    train = subsample(load_split(processed_dir, "train"), cfg.max_train_samples, params.train.seed)
+    spec = params.train.spec(name)
+    assert isinstance(spec, PcaSpec)
+    train = subsample(load_split(paths.processed(dataset), "train"), spec.training.max_train_samples, params.train.seed)
     x = train.unit_float()
-    pca = PCA.fit(x, max(cfg.latent_sizes))
-    with atomic_dir(model_dir) as tmp:
+    pca = PCA.fit(x, max(spec.latent_sizes))
+    with atomic_dir(paths.model(dataset, name)) as tmp:
         pca.save(tmp / "pca.npz")
         write_json(
             tmp / "meta.json",
             {
                 "family": "pca",
-                "latent_sizes": sorted(cfg.latent_sizes),
+                "latent_sizes": sorted(spec.latent_sizes),
                 "n_train": len(train),
                 "sample_shape": list(x.shape[1:]),
             },
         )
-    metrics = {f"explained_variance_ratio.k{k}": pca.explained_variance_ratio(k) for k in sorted(cfg.latent_sizes)}
+    metrics = {f"k{k}.explained_variance_ratio": pca.explained_variance_ratio(k) for k in sorted(spec.latent_sizes)}
     metrics["n_train"] = float(len(train))
-    return TrainResult(model_dir, metrics, {"pca": cfg.model_dump(mode="json"), "seed": params.train.seed})
+    return TrainResult(
+        paths.model(dataset, name), metrics, {"spec": spec.model_dump(mode="json"), "seed": params.train.seed}
+    )
 
 
-Trainer = Callable[[Params, Path, Path], TrainResult]
+def training_pairs(
+    paths: ProjectPaths, dataset: str, spec: ModelSpec, split: str, limit: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(inputs, targets, labels) of a split as float32 (N, C, H, W).
 
-#: Model family name (``train.models``) -> trainer.
+    For a denoising model the inputs are the corrupted rows and the targets the
+    clean ones (rows align: the corrupt stage keeps the processed order).
+    """
+    clean = load_split(paths.processed(dataset), split)
+    index = subsample_index(len(clean), limit, seed)
+    x = to_unit_float(clean.x[index])
+    corruption = spec.corruption_for(load_manifest(paths.processed(dataset)).modality)
+    if corruption is None:
+        return x, None, clean.y[index]
+    from latentlab.corrupt import load_corruption
+
+    corrupted_dir = paths.corrupted(dataset)
+    if not (corrupted_dir / f"{corruption}.npz").exists():
+        raise ConfigError(
+            f"params.yaml: train.zoo.*.denoise_from: no corruption {corruption!r} in {corrupted_dir} "
+            "(names come from the corrupt section, e.g. gaussian_sigma0.3 or white_snr5db)"
+        )
+    noisy = load_corruption(corrupted_dir, corruption, split).x
+    return to_unit_float(noisy[index]), x, clean.y[index]
+
+
+def train_network(params: Params, dataset: str, name: str, paths: ProjectPaths, run: RunLog | None) -> TrainResult:
+    """Train one network per latent size with the engine; keep the best-validation weights."""
+    import torch
+
+    from latentlab import engine
+    from latentlab.models.base import build_model
+    from latentlab.plots import save_image_grid
+
+    spec = params.train.spec(name)
+    cfg = spec.training
+    seed = params.train.seed
+    if params.train.threads:
+        torch.set_num_threads(params.train.threads)
+    device = engine.pick_device(params.train.device)
+    x_in, x_target, _ = training_pairs(paths, dataset, spec, "train", cfg.max_train_samples, seed)
+    v_in, v_target, _ = training_pairs(paths, dataset, spec, "val", None, seed)
+    train_data, val_data = engine.TrainingData(x_in, x_target), engine.TrainingData(v_in, v_target)
+    shape = tuple(int(s) for s in x_in.shape[1:])
+    # A few fixed validation images, reconstructed after every epoch.
+    show = np.unique(np.linspace(0, len(v_in) - 1, min(8, len(v_in))).round().astype(int))
+    metrics: dict[str, float] = {"n_train": float(len(x_in)), "n_val": float(len(v_in))}
+    with atomic_dir(paths.model(dataset, name)) as out, tempfile.TemporaryDirectory() as figures_dir:
+        figures = Path(figures_dir)
+        for k in sorted(spec.latent_sizes):
+            torch.manual_seed(seed)
+            model = build_model(spec.family, shape, k, **spec.family_options())
+
+            def on_epoch(report: engine.EpochReport, model: Any, k: int = k) -> None:
+                if run is None:
+                    return
+                first = report.step - len(report.steps["loss"])
+                for part, values in report.steps.items():
+                    run.log_series(f"k{k}.step.{part}", values, start_step=first)
+                run.log_metrics({f"k{k}.train": report.train, f"k{k}.val": report.val}, step=report.epoch)
+                grid = figures / f"k{k}_epoch{report.epoch:03d}.png"
+                recon = engine.reconstruct(model, v_in[show], device)
+                rows = [v_in[show], recon] if v_target is None else [v_in[show], recon, v_target[show]]
+                labels = ["input", "output"] if v_target is None else ["noisy input", "output", "clean"]
+                save_image_grid(rows, labels, grid, title=f"{dataset}: {name} k={k}, epoch {report.epoch}")
+                run.log_artifact(grid, f"reconstructions/k{k}")
+
+            result = engine.fit(
+                model,
+                train_data,
+                val_data,
+                cfg,
+                seed=seed,
+                device=device,
+                checkpoint=paths.checkpoint(dataset, name, k),
+                on_epoch=on_epoch,
+            )
+            meta = {
+                "family": spec.family,
+                "sample_shape": list(shape),
+                "latent_dim": k,
+                "options": spec.family_options(),
+                "denoise_from": spec.denoise_from,
+            }
+            engine.save_model(result.model, out / f"k{k}.pt", meta)
+            write_json(out / f"k{k}_history.json", result.history)
+            metrics.update(
+                {
+                    f"k{k}.best_val_loss": result.best_val_loss,
+                    f"k{k}.best_epoch": float(result.best_epoch),
+                    f"k{k}.epochs_run": float(result.epochs_run),
+                    f"k{k}.train_seconds": result.wall_seconds,
+                }
+            )
+            if run is not None:
+                run.log_torch_model(result.model.cpu(), f"model_k{k}")
+        write_json(
+            out / "meta.json",
+            {
+                "family": spec.family,
+                "latent_sizes": sorted(spec.latent_sizes),
+                "spec": spec.model_dump(mode="json"),
+                "device": str(device),
+                **metrics,
+            },
+        )
+    return TrainResult(
+        paths.model(dataset, name), metrics, {"spec": spec.model_dump(mode="json"), "seed": seed, "device": str(device)}
+    )
+
+
+Trainer = Callable[[Params, str, str, ProjectPaths, "RunLog | None"], TrainResult]
+
+#: Model family -> trainer; every family not listed is a network trained by the engine.
 TRAINERS: dict[str, Trainer] = {"pca": train_pca}
+
+
+def trainer_for(family: str) -> Trainer:
+    return TRAINERS.get(family, train_network)

@@ -41,8 +41,13 @@ def test_params_are_frozen():
         ),
         (lambda p: p["corrupt"].update(gausian_sigma=[0.1]), "params.yaml: corrupt.gausian_sigma: unknown key"),
         (
-            lambda p: p["train"]["pca"].update(latent_sizes=[0]),
-            "params.yaml: train.pca.latent_sizes.0: Input should be greater than or equal to 1 (got 0)",
+            lambda p: p["train"]["zoo"]["pca"].update(latent_sizes=[0]),
+            "params.yaml: train.zoo.pca.latent_sizes.0: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (lambda p: p["train"]["zoo"]["deep"].update(rho=0.1), "params.yaml: train.zoo.deep.rho: unknown key"),
+        (
+            lambda p: p["train"].update(models=["pca", "vae"]),
+            "model 'vae' is listed in train.models but not defined under train.zoo",
         ),
         (lambda p: p["corrupt"].update(snr_db="loud"), "params.yaml: corrupt.snr_db: Input should be a valid tuple"),
         (

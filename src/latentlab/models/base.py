@@ -1,0 +1,89 @@
+"""The one contract every neural model family follows, and the registry that
+builds them by name (after pythae's ``BaseAE``: one forward, one output type).
+
+A model's ``forward(x, target)`` returns :class:`ModelOutput`: the scalar loss
+to minimise, its named parts (each a detached scalar worth logging, e.g.
+``reconstruction``, ``sparsity``, ``contractive``), and the reconstruction.
+``target`` is the clean image when ``x`` is a corrupted one (denoising); it
+defaults to ``x``. Shapes: ``x`` and ``target`` (N, C, H, W) in [0, 1]; codes
+(N, latent_dim); reconstructions (N, C, H, W).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ModelOutput:
+    loss: Tensor  # scalar, what the optimiser minimises
+    parts: dict[str, Tensor] = field(default_factory=dict)  # named scalar parts of the loss and diagnostics
+    reconstruction: Tensor | None = None  # (N, C, H, W)
+
+
+class Autoencoder(nn.Module):
+    """Base of the autoencoder family: an encoder to ``latent_dim`` codes and a decoder back."""
+
+    def __init__(self, sample_shape: tuple[int, int, int], latent_dim: int) -> None:
+        super().__init__()
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.latent_dim = int(latent_dim)
+
+    @property
+    def input_dim(self) -> int:
+        c, h, w = self.sample_shape
+        return c * h * w
+
+    def encode(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, latent_dim)."""
+        raise NotImplementedError
+
+    def decode(self, z: Tensor) -> Tensor:
+        """(N, latent_dim) -> (N, C, H, W)."""
+        raise NotImplementedError
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> ModelOutput:
+        """Mean squared reconstruction error per pixel (a Gaussian likelihood up to constants)."""
+        target = x if target is None else target
+        recon = self.reconstruct(x)
+        mse = torch.mean((recon - target) ** 2)
+        return ModelOutput(loss=mse, parts={"reconstruction": mse.detach()}, reconstruction=recon)
+
+
+ModelFactory = Callable[..., Autoencoder]
+
+#: Family name (``family:`` in a model's params) -> class.
+MODEL_REGISTRY: dict[str, ModelFactory] = {}
+
+
+def register(name: str) -> Callable[[type[Autoencoder]], type[Autoencoder]]:
+    """Class decorator: make a model family buildable by ``name``."""
+
+    def decorate(cls: type[Autoencoder]) -> type[Autoencoder]:
+        if name in MODEL_REGISTRY:
+            raise ValueError(f"model family {name!r} registered twice")
+        MODEL_REGISTRY[name] = cls
+        cls.family = name  # type: ignore[attr-defined]
+        return cls
+
+    return decorate
+
+
+def build_model(family: str, sample_shape: tuple[int, int, int], latent_dim: int, **options: Any) -> Autoencoder:
+    """Build a registered family; ``options`` are the family's own hyperparameters."""
+    # Importing the family modules fills the registry; done here, not at package import.
+    from latentlab.models import contractive, conv, deep, linear, sparse  # noqa: F401
+
+    try:
+        factory = MODEL_REGISTRY[family]
+    except KeyError:
+        raise KeyError(f"unknown model family {family!r} (known: {', '.join(sorted(MODEL_REGISTRY))})") from None
+    return factory(sample_shape=sample_shape, latent_dim=latent_dim, **options)

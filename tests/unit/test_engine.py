@@ -1,0 +1,139 @@
+"""The training engine: determinism, early stopping, checkpoints, and resume after SIGKILL."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latentlab import engine
+from latentlab.config import TrainingConfig
+from latentlab.models.base import build_model
+
+torch.set_num_threads(1)
+
+
+def _data(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.random((4, 1, 8, 8)).astype(np.float32)
+    return np.clip(base[rng.integers(0, 4, n)] + 0.05 * rng.normal(size=(n, 1, 8, 8)), 0, 1).astype(np.float32)
+
+
+TRAIN, VAL = engine.TrainingData(_data(96, 0)), engine.TrainingData(_data(32, 1))
+CFG = TrainingConfig(epochs=4, batch_size=16, lr=0.01, patience=10)
+
+
+def _fit(cfg: TrainingConfig = CFG, checkpoint: Path | None = None, seed: int = 0, family: str = "deep"):
+    torch.manual_seed(seed)
+    model = build_model(family, (1, 8, 8), 3)
+    return engine.fit(
+        model, TRAIN, VAL, cfg, seed=seed, device=torch.device("cpu"), checkpoint=checkpoint, progress=False
+    )
+
+
+def test_same_seed_same_metrics_and_weights():
+    a, b = _fit(), _fit()
+    assert a.history == [dict(h, seconds=a.history[i]["seconds"]) for i, h in enumerate(b.history)]
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    c = _fit(seed=1)
+    assert c.history[-1]["val_loss"] != a.history[-1]["val_loss"]
+
+
+def test_training_lowers_validation_loss_and_reports_every_part():
+    result = _fit(TrainingConfig(epochs=6, batch_size=16, lr=0.01, patience=10), family="sparse")
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+    assert {"train_loss", "train_reconstruction", "train_sparsity", "val_sparsity"} <= set(result.history[0])
+    assert result.train_steps == 6 * 6  # 96 samples / 16 per step, 6 epochs
+    assert 0 < result.compute_seconds <= result.wall_seconds
+
+
+def test_early_stopping_restores_the_best_weights():
+    # A learning rate this large makes validation loss worse after the first epochs.
+    result = _fit(TrainingConfig(epochs=30, batch_size=16, lr=0.5, patience=2))
+    assert result.stopped_early and result.epochs_run < 30
+    assert result.epochs_run - result.best_epoch == 2
+    best = min(h["val_loss"] for h in result.history)
+    assert result.best_val_loss == best
+    assert engine.evaluate_loss(result.model, VAL, torch.device("cpu"))["loss"] == pytest.approx(best, rel=1e-5)
+
+
+def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
+    ckpt = tmp_path / "k3.pt"
+    _fit(checkpoint=ckpt)
+    assert ckpt.exists()
+    again = _fit(checkpoint=ckpt)
+    assert again.resumed_from_epoch == CFG.epochs and again.train_steps == 0  # same run: nothing left to do
+    torch.manual_seed(0)
+    model = build_model("deep", (1, 8, 8), 3)
+    other = engine.fit(
+        model,
+        engine.TrainingData(_data(96, 5)),
+        VAL,
+        CFG,
+        seed=0,
+        device=torch.device("cpu"),
+        checkpoint=ckpt,
+        progress=False,
+    )
+    assert other.resumed_from_epoch == 0
+
+
+_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, json
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    from test_engine import TRAIN, VAL
+    from latentlab import engine
+    from latentlab.config import TrainingConfig
+    from latentlab.models.base import build_model
+
+    kill_after = int(sys.argv[2])
+    def on_epoch(report, model):
+        if report.epoch == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: as hard as a crash gets
+
+    torch.manual_seed(0)
+    model = build_model("conv_plus", (1, 8, 8), 3)
+    cfg = TrainingConfig(epochs=5, batch_size=16, lr=0.005, patience=10, checkpoint_every=1)
+    result = engine.fit(model, TRAIN, VAL, cfg, seed=0, device=torch.device("cpu"),
+                        checkpoint=__import__("pathlib").Path(sys.argv[1]), on_epoch=on_epoch, progress=False)
+    weights = {{k: v.tolist() for k, v in result.model.state_dict().items()}}
+    print(json.dumps({{"resumed": result.resumed_from_epoch, "best": result.best_val_loss,
+                      "history": [h["val_loss"] for h in result.history], "weights": weights}}))
+    """
+)
+
+
+def _run(script: Path, ckpt: Path, kill_after: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(script), str(ckpt), str(kill_after)], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_sigkilled_run_resumes_to_the_same_result(tmp_path):
+    import json
+
+    script = tmp_path / "train.py"
+    script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent)))
+    killed_ckpt = tmp_path / "killed.pt"
+    first = _run(script, killed_ckpt, kill_after=3)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert killed_ckpt.exists()  # the epoch-2 checkpoint survived the kill
+    resumed = _run(script, killed_ckpt, kill_after=-1)
+    assert resumed.returncode == 0, resumed.stderr
+    straight = _run(script, tmp_path / "straight.pt", kill_after=-1)
+    assert straight.returncode == 0, straight.stderr
+    a, b = json.loads(resumed.stdout), json.loads(straight.stdout)
+    assert a["resumed"] == 2 and b["resumed"] == 0
+    assert a["history"] == b["history"] and a["best"] == b["best"]
+    assert a["weights"] == b["weights"]
+    assert not list(tmp_path.glob(".*.tmp*"))  # no half-written checkpoint left behind
