@@ -128,6 +128,21 @@ def check_params(root: Root = Path(".")) -> None:
 
 
 @app.command()
+def overlay_args(
+    overlay: Annotated[Path, typer.Argument(help="A partial params file, e.g. configs/full_scale.yaml.")],
+    root: Root = Path("."),
+) -> None:
+    """Print `dvc exp run` -S arguments that apply OVERLAY on params.yaml (checked first).
+
+    Values are written without spaces so that `dvc exp run $(latentlab overlay-args FILE)` works.
+    """
+    from latentlab.overlay import overlay_args as build
+
+    args = _run(lambda: build(Path(root) / "params.yaml", overlay))
+    typer.echo(" ".join(args))
+
+
+@app.command()
 def ui(
     root: Root = Path("."),
     port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,

@@ -154,6 +154,7 @@ class TrainingConfig(Section):
     """How the training engine fits one network (src/latentlab/engine.py)."""
 
     epochs: Annotated[int, Field(ge=1)] = 20  # most epochs; early stopping may end sooner
+    min_steps: Annotated[int, Field(ge=0)] = 0  # at least this many optimiser steps: small datasets get more epochs
     batch_size: Annotated[int, Field(ge=1)] = 128  # samples per optimiser step
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3  # Adam learning rate
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0  # L2 penalty (AdamW decoupled decay)

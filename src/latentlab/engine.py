@@ -200,17 +200,19 @@ def fit(
     inputs, targets = _to_device(train.inputs, device), _to_device(train.targets, device)
     n = len(train)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
+    # A small dataset gets as many epochs as it takes to reach min_steps.
+    max_epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
     compute_seconds, steps_here = 0.0, 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     stopped_early = bad_epochs >= cfg.patience
 
-    while epoch < cfg.epochs and not stopped_early:
+    while epoch < max_epochs and not stopped_early:
         epoch_start = time.perf_counter()
         model.train()
         # The batch order of epoch e depends only on (seed, e): resuming replays it exactly.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).to(device)
         steps: dict[str, list[float]] = {}
-        bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
+        bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{max_epochs}", progress)
         for first in range(0, n, cfg.batch_size):
             index = order[first : first + cfg.batch_size]
             x = inputs[index]
@@ -264,7 +266,7 @@ def fit(
         )
         if on_epoch is not None:
             on_epoch(EpochReport(epoch, step, train_means, val_parts, steps, improved, seconds), model)
-        if checkpoint is not None and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs or stopped_early):
+        if checkpoint is not None and (epoch % cfg.checkpoint_every == 0 or epoch == max_epochs or stopped_early):
             _save_checkpoint(
                 checkpoint,
                 {

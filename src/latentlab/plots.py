@@ -224,3 +224,31 @@ def save_code_activations(
         fig.savefig(tmp, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def save_tiles(rows: Sequence[np.ndarray], path: Path, *, scale: int = 2, spectrogram: bool = False) -> Path:
+    """A bare grid of images (one row per array of (n, C, H, W) in [0, 1]) written with PIL.
+
+    No labels or axes: about a hundred times cheaper than :func:`save_image_grid`,
+    for figures drawn every epoch.
+    """
+    from PIL import Image
+
+    shown = [displayable(r) for r in rows]
+    if spectrogram:
+        shown = [s[:, ::-1] for s in shown]  # low frequencies at the bottom
+    n_cols = max(len(s) for s in shown)
+    h, w = shown[0].shape[1:3]
+    pad = 2
+    colour = shown[0].ndim == 4
+    canvas = np.ones((len(shown) * (h + pad) + pad, n_cols * (w + pad) + pad, 3), np.float32)
+    for r, images in enumerate(shown):
+        for c, image in enumerate(images):
+            top, left = pad + r * (h + pad), pad + c * (w + pad)
+            canvas[top : top + h, left : left + w] = image if colour else image[..., None]
+    pixels = (np.clip(canvas, 0, 1) * 255).round().astype(np.uint8)
+    picture = Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
+    return path
+

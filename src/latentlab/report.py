@@ -7,6 +7,7 @@ paths, so the ``reports/`` folder can be copied or served as it is.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from pathlib import Path
@@ -90,7 +91,7 @@ SSIM is the mean structural similarity (Wang et al. 2004).</p>
 {% endif %}
 {% endfor %}
 
-{% if d.compare and d.compare.denoising %}
+{% if d.compare and d.compare.get("denoising") %}
 <h3>Denoising: noisy test samples restored</h3>
 {% for name, methods in d.compare.denoising.items() %}
 <h4>{{ name }}</h4>
@@ -101,7 +102,7 @@ SSIM is the mean structural similarity (Wang et al. 2004).</p>
 {% endfor %}
 {% endif %}
 
-{% if d.compare and d.compare.speech_cleaning %}
+{% if d.compare and d.compare.get("speech_cleaning") %}
 <h3>Speech cleaning</h3>
 <p class="muted">Spectral SNR (dB) between the clean and the estimated mel magnitude spectrograms, averaged over test clips. The Wiener filter (decision-directed, noise estimated from each clip's quietest frames) works on the waveform; its output is turned into the same log-mel spectrogram. Cleaned audio is rebuilt by Griffin-Lim.</p>
 {% for name, r in d.compare.speech_cleaning.items() %}
@@ -109,7 +110,7 @@ SSIM is the mean structural similarity (Wang et al. 2004).</p>
 <table><tr><th class="l">method</th><th>SNR (dB)</th><th>gain over noisy (dB)</th><th>gain over Wiener (dB)</th></tr>
 {% for method, v in r.snr_db.items() %}<tr><td class="l">{{ method }}</td><td>{{ "%.2f"|format(v) }}</td><td>{% if method in r.improvement_over_noisy_db %}{{ "%+.2f"|format(r.improvement_over_noisy_db[method]) }}{% endif %}</td><td>{% if method in r.improvement_over_wiener_db %}{{ "%+.2f"|format(r.improvement_over_wiener_db[method]) }}{% endif %}</td></tr>{% endfor %}
 </table>
-{% if d.audio[name] %}{{ d.audio[name]|safe }}{% endif %}
+{% if d.audio.get(name) %}{{ d.audio[name]|safe }}{% endif %}
 {% endfor %}
 {% endif %}
 
@@ -189,7 +190,7 @@ def _dataset_section(name: str, params: Params, paths: ProjectPaths) -> dict[str
             examples = result.get("audio_examples")
             if examples:
                 base = _rel(compare_dir / "audio", reports) + "/"
-                audio[corruption] = f"<p>Cleaned by {examples['cleaned_by']}:</p>" + audio_table_html(
+                audio[corruption] = f"<p>Cleaned by {html.escape(examples['cleaned_by'])}:</p>" + audio_table_html(
                     examples["rows"], base=base
                 )
         n_test = next((m["n_test"] for m in models if m.get("n_test")), None)
@@ -269,9 +270,9 @@ def build_report(params: Params, paths: ProjectPaths) -> Path:
     import jinja2
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    html = env.from_string(_TEMPLATE).render(
+    page = env.from_string(_TEMPLATE).render(
         title=params.report.title,
         datasets=[_dataset_section(name, params, paths) for name in params.pipeline.datasets],
     )
-    write_text(paths.report_index, html)
+    write_text(paths.report_index, page)
     return paths.report_index

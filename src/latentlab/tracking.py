@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -47,6 +48,11 @@ def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
         out[prefix] = obj
 
 
+def metric_key(key: str) -> str:
+    """MLflow allows only alphanumerics, ``_ - . : /`` and spaces in names; the rest becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key)
+
+
 def flatten(obj: Mapping[str, Any]) -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, the form MLflow params and metrics take."""
     out: dict[str, Any] = {}
@@ -75,7 +81,7 @@ class RunLogger:
 
         now = int(time.time() * 1000)
         items = [
-            Metric(key, float(value), now, step)
+            Metric(metric_key(key), float(value), now, step)
             for key, value in flatten(metrics).items()
             if isinstance(value, int | float) and not isinstance(value, bool) and value == value
         ]
@@ -87,7 +93,7 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(key, float(v), now, start_step + i) for i, v in enumerate(values)]
+        items = [Metric(metric_key(key), float(v), now, start_step + i) for i, v in enumerate(values)]
         for i in range(0, len(items), _BATCH):
             self._client.log_batch(self.run_id, metrics=items[i : i + _BATCH])
 

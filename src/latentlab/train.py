@@ -109,7 +109,7 @@ def train_network(params: Params, dataset: str, name: str, paths: ProjectPaths, 
 
     from latentlab import engine
     from latentlab.models.base import build_model
-    from latentlab.plots import save_image_grid
+    from latentlab.plots import save_tiles
 
     spec = params.train.spec(name)
     cfg = spec.training
@@ -121,6 +121,7 @@ def train_network(params: Params, dataset: str, name: str, paths: ProjectPaths, 
     v_in, v_target, _ = training_pairs(paths, dataset, spec, "val", None, seed)
     train_data, val_data = engine.TrainingData(x_in, x_target), engine.TrainingData(v_in, v_target)
     shape = tuple(int(s) for s in x_in.shape[1:])
+    spectrogram = load_manifest(paths.processed(dataset)).modality == "spectrogram"
     # A few fixed validation images, reconstructed after every epoch.
     show = np.unique(np.linspace(0, len(v_in) - 1, min(8, len(v_in))).round().astype(int))
     metrics: dict[str, float] = {"n_train": float(len(x_in)), "n_val": float(len(v_in))}
@@ -139,9 +140,9 @@ def train_network(params: Params, dataset: str, name: str, paths: ProjectPaths, 
                 run.log_metrics({f"k{k}.train": report.train, f"k{k}.val": report.val}, step=report.epoch)
                 grid = figures / f"k{k}_epoch{report.epoch:03d}.png"
                 recon = engine.reconstruct(model, v_in[show], device)
+                # Rows: input, output (and the clean target for a denoising model).
                 rows = [v_in[show], recon] if v_target is None else [v_in[show], recon, v_target[show]]
-                labels = ["input", "output"] if v_target is None else ["noisy input", "output", "clean"]
-                save_image_grid(rows, labels, grid, title=f"{dataset}: {name} k={k}, epoch {report.epoch}")
+                save_tiles(rows, grid, spectrogram=spectrogram)
                 run.log_artifact(grid, f"reconstructions/k{k}")
 
             result = engine.fit(
@@ -159,7 +160,7 @@ def train_network(params: Params, dataset: str, name: str, paths: ProjectPaths, 
                 "sample_shape": list(shape),
                 "latent_dim": k,
                 "options": spec.family_options(),
-                "denoise_from": spec.denoise_from,
+                "denoise_from": spec.corruption_for("spectrogram" if spectrogram else "image"),
             }
             engine.save_model(result.model, out / f"k{k}.pt", meta)
             write_json(out / f"k{k}_history.json", result.history)

@@ -53,6 +53,7 @@ def test_pipeline_flow_runs_every_stage_as_a_task(tmp_path: Path, monkeypatch):
         "corrupt-digits",
         "train-pca-digits",
         "evaluate-pca-digits",
+        "compare-digits",
         "report",
     }
     assert all(t.state.is_completed() for t in task_runs)
@@ -66,4 +67,4 @@ def test_pipeline_flow_runs_every_stage_as_a_task(tmp_path: Path, monkeypatch):
     assert manifest["counts"] == {"train": 42, "val": 6, "test": 12}
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("latentlab").experiment_id])
-    assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len(runs) == 7 and {r.info.status for r in runs} == {"FINISHED"}

@@ -54,6 +54,19 @@ def project(tmp_path_factory) -> Path:
             },
         },
     )
+    # Two small networks besides PCA: a plain one and a denoising one (for the compare stage).
+    quick = {"epochs": 2, "batch_size": 16, "max_train_samples": 60}
+    params["train"]["models"] = ["pca", "deep", "denoising"]
+    params["train"]["zoo"]["deep"].update(latent_sizes=[2], hidden=[16], training=quick)
+    params["train"]["zoo"]["denoising"] = {
+        "family": "deep",
+        "latent_sizes": [4],
+        "hidden": [16],
+        "denoise_from": {"image": "gaussian_sigma0.3", "spectrogram": "white_snr5db"},
+        "training": quick,
+    }
+    params["evaluate"]["latent"]["models"] = ["deep"]
+    params["evaluate"]["audio_examples"] = 1
     root = write_project(base / "repo", params)
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         result = _run(cmd, root)
@@ -70,7 +83,9 @@ def test_first_run_runs_every_stage_and_writes_outputs(project: Path):
     for dataset in ("digits", "tones"):
         for stage in ("ingest", "validate", "corrupt"):
             assert f"{stage}@{dataset}" in ran
-        assert f"train@{dataset}-pca" in ran and f"evaluate@{dataset}-pca" in ran
+        for model in ("pca", "deep", "denoising"):
+            assert f"train@{dataset}-{model}" in ran and f"evaluate@{dataset}-{model}" in ran
+        assert f"compare@{dataset}" in ran
     assert "report" in ran
 
     manifest = json.loads((project / "data/processed/digits/manifest.json").read_text())
@@ -84,9 +99,21 @@ def test_first_run_runs_every_stage_and_writes_outputs(project: Path):
     }
     metrics = json.loads((project / "metrics/digits/pca.json").read_text())
     assert metrics["reconstruction"]["4"]["mse"] < metrics["reconstruction"]["2"]["mse"]
-    assert set(metrics["denoising"]) >= {"gaussian_sigma0.3", "salt_pepper0.2", "mask0.5", "block4"}
-    tones = json.loads((project / "metrics/tones/pca.json").read_text())
-    assert {"white_snr5db", "babble_snr5db"} <= set(tones["denoising"])
+    assert set(metrics["reconstruction"]["2"]) == {"mse", "psnr", "ssim", "explained_variance_ratio"}
+    compare = json.loads((project / "metrics/compare/digits.json").read_text())
+    assert {r["model"] for r in compare["reconstruction"]} == {"pca", "deep", "denoising"}
+    assert set(compare["denoising"]) == {"gaussian_sigma0.3", "salt_pepper0.2", "mask0.5", "block4"}
+    gaussian = compare["denoising"]["gaussian_sigma0.3"]
+    assert {"noisy input", "median 3x3", "PCA k=4", "denoising k=4 (trained on gaussian_sigma0.3)"} <= set(gaussian)
+    assert "psnr_in_region" in compare["inpainting"]["block4"]["median 3x3"]
+    deep = json.loads((project / "metrics/digits/deep.json").read_text())
+    assert set(deep["reconstruction"]["2"]) == {"mse", "psnr", "ssim"}
+    assert 0.0 <= deep["latent"]["nmi"] <= 1.0
+    assert (project / "reports/evaluation/digits/deep/latent_tsne.png").exists()
+    tones = json.loads((project / "metrics/compare/tones.json").read_text())
+    cleaning = tones["speech_cleaning"]["white_snr5db"]
+    assert {"noisy input", "Wiener filter"} <= set(cleaning["snr_db"])
+    assert list((project / "reports/compare/tones/audio").glob("*.wav"))
 
     index = (project / "reports/index.html").read_text()
     assert "digits" in index and "tones" in index and "PCA" in index
@@ -104,10 +131,24 @@ def test_mlflow_has_one_finished_run_per_stage(project: Path):
     experiment = client.get_experiment_by_name("latentlab")
     runs = client.search_runs([experiment.experiment_id], max_results=200)
     names = {r.info.run_name for r in runs}
-    assert {"ingest:digits", "validate:digits", "corrupt:digits", "train:digits", "evaluate:digits", "report"} <= names
+    assert {
+        "ingest:digits",
+        "validate:digits",
+        "corrupt:digits",
+        "train:digits",
+        "evaluate:digits",
+        "compare:digits",
+        "report",
+    } <= names
     assert {r.info.status for r in runs} == {"FINISHED"}
-    evaluate = next(r for r in runs if r.info.run_name == "evaluate:digits")
+    evaluate = next(r for r in runs if r.info.run_name == "evaluate:digits" and r.data.tags["latentlab.model"] == "pca")
     assert "reconstruction.2.mse" in evaluate.data.metrics
+    # A network's training run has per-step losses, per-epoch grids and a logged model.
+    train = next(r for r in runs if r.info.run_name == "train:digits" and r.data.tags["latentlab.model"] == "deep")
+    steps = client.get_metric_history(train.info.run_id, "k2.step.loss")
+    assert len(steps) >= 2 and [m.step for m in steps] == list(range(len(steps)))
+    assert "k2.val.reconstruction" in train.data.metrics
+    assert [a.path for a in client.list_artifacts(train.info.run_id, "reconstructions/k2")]
     artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
     assert {"metrics", "figures"} <= artifacts
 
@@ -118,13 +159,13 @@ def test_second_run_does_nothing_and_a_corruption_change_reruns_only_downstream(
     assert _ran_stages(again.stdout) == set()
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["corrupt"]["gaussian_sigma"] = [0.4]
+    params["corrupt"]["salt_pepper_amount"] = [0.3]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = _run([sys.executable, "-m", "dvc", "repro"], project)
     assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
     ran = _ran_stages(changed.stdout)
-    assert "corrupt@digits" in ran and "evaluate@digits-pca" in ran and "report" in ran
-    assert not {s for s in ran if s.startswith(("ingest", "validate", "train"))}
-    # Speech ignores image corruptions: its corrupted data is unchanged, so its evaluation is not rerun.
-    assert "evaluate@tones-pca" not in ran
-    assert "gaussian_sigma0.4" in json.loads((project / "metrics/digits/pca.json").read_text())["denoising"]
+    assert "corrupt@digits" in ran and "compare@digits" in ran and "report" in ran
+    assert not {s for s in ran if s.startswith(("ingest", "validate"))}
+    # Speech ignores image corruptions: its corrupted data is unchanged, so nothing of it reruns.
+    assert not {s for s in ran if "tones" in s and not s.startswith("corrupt")}
+    assert "salt_pepper0.3" in json.loads((project / "metrics/compare/digits.json").read_text())["denoising"]

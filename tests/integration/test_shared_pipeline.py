@@ -21,8 +21,16 @@ MNIST = SHARED_DATASETS / "mnist"
 def test_real_mnist_through_ingest_validate_corrupt_train_evaluate(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = tiny_params(tmp_path, {"mnist": {"kind": "mnist", "path": str(MNIST)}})
-    params["train"]["pca"]["latent_sizes"] = [2, 4, 6]
+    params["train"]["zoo"]["pca"]["latent_sizes"] = [2, 4, 6]
+    # The linear autoencoder with the default settings, on every training image.
+    params["train"]["models"] = ["pca", "linear"]
+    params["train"]["zoo"]["linear"]["training"].update(epochs=5, min_steps=0, max_train_samples=None)
+    params["evaluate"]["latent"]["models"] = []
+    # One corruption keeps the comparison quick on 10,000 test images.
+    params["corrupt"].update(salt_pepper_amount=[], mask_fraction=[], block_size=[])
+    params["train"]["threads"] = 2
     params["corrupt"]["splits"] = ["test"]
+    params["evaluate"]["max_test_samples"] = None  # the published figures are on all 10,000 test images
     params["validate"]["min_samples"] = {"train": 50000, "val": 5900, "test": 10000}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
@@ -37,12 +45,19 @@ def test_real_mnist_through_ingest_validate_corrupt_train_evaluate(tmp_path, mon
     )
     stages.validate("mnist", tmp_path)
     stages.corrupt("mnist", tmp_path)
-    stages.train("mnist", "pca", tmp_path)
-    stages.evaluate("mnist", "pca", tmp_path)
+    for model in ("pca", "linear"):
+        stages.train("mnist", model, tmp_path)
+        stages.evaluate("mnist", model, tmp_path)
+    stages.compare("mnist", tmp_path)
     metrics = json.loads((tmp_path / "metrics/mnist/pca.json").read_text())
     # The published PCA figures on full MNIST (fit on 60,000); ours fit on the 54,000 left after validation.
     for k, expected in {"2": 0.0557, "4": 0.0479, "6": 0.0416}.items():
         assert metrics["reconstruction"][k]["mse"] == pytest.approx(expected, abs=0.001)
+    # The linear autoencoder learns the PCA subspace: test MSE within 2% of PCA's at every size.
+    compare = json.loads((tmp_path / "metrics/compare/mnist.json").read_text())
+    ratios = {row["latent_size"]: row["mse_ratio"] for row in compare["linear_vs_pca"]}
+    assert set(ratios) == {2, 4, 6}
+    assert all(ratio <= 1.02 for ratio in ratios.values()), ratios
     # PCA removes much of the Gaussian noise: restoration beats the noisy input.
-    gaussian = metrics["denoising"]["gaussian_sigma0.3"]
-    assert gaussian["pca6_psnr"] > gaussian["noisy_psnr"]
+    gaussian = compare["denoising"]["gaussian_sigma0.3"]
+    assert gaussian["PCA k=6"]["psnr"] > gaussian["noisy input"]["psnr"]

@@ -139,3 +139,22 @@ def test_every_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeypatc
         assert len(errors) == 1 and expected in errors[0], (name, result.output)
         assert "Traceback" not in result.output, name
         assert not (root / "data" / "processed" / name).exists(), name
+
+
+def test_full_scale_overlay_gives_valid_dvc_arguments():
+    result = runner.invoke(app, ["overlay-args", str(REPO / "configs" / "full_scale.yaml"), "--root", str(REPO)])
+    assert result.exit_code == 0, result.output
+    args = result.output.split()
+    assert args[0] == "-S" and len(args) % 2 == 0
+    pairs = dict(a.split("=", 1) for a in args[1::2])
+    assert pairs["train.zoo.conv_plus.training.max_train_samples"] == "null"
+    assert pairs["evaluate.max_test_samples"] == "null"
+    assert all(" " not in a for a in args)  # safe for `dvc exp run $(latentlab overlay-args ...)`
+
+
+def test_overlay_with_a_bad_key_is_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  zoo:\n    deep:\n      training: {epoch: 3}\n")
+    result = runner.invoke(app, ["overlay-args", str(bad), "--root", str(REPO)])
+    assert result.exit_code == 2
+    assert "train.zoo.deep.training.epoch: unknown key" in result.output

@@ -137,3 +137,8 @@ def test_sigkilled_run_resumes_to_the_same_result(tmp_path):
     assert a["history"] == b["history"] and a["best"] == b["best"]
     assert a["weights"] == b["weights"]
     assert not list(tmp_path.glob(".*.tmp*"))  # no half-written checkpoint left behind
+
+
+def test_min_steps_gives_a_small_dataset_more_epochs():
+    result = _fit(TrainingConfig(epochs=1, min_steps=12, batch_size=16, lr=0.01, patience=10))
+    assert result.epochs_run == 2 and result.train_steps == 12  # 96 samples: 6 steps an epoch

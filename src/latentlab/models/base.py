@@ -58,6 +58,27 @@ class Autoencoder(nn.Module):
         return ModelOutput(loss=mse, parts={"reconstruction": mse.detach()}, reconstruction=recon)
 
 
+class SigmoidAutoencoder(Autoencoder):
+    """One sigmoid hidden layer as the code: ``x -> h = sigmoid(W x + b) -> sigmoid(W' h + b')``.
+
+    The shallow architecture the sparse (Ng 2011) and contractive (Rifai et al.
+    2011) autoencoders share; they differ only in the penalty their forward adds.
+    """
+
+    def __init__(self, sample_shape: tuple[int, int, int], latent_dim: int) -> None:
+        super().__init__(sample_shape, latent_dim)
+        self.encoder = nn.Linear(self.input_dim, self.latent_dim)
+        self.decoder = nn.Linear(self.latent_dim, self.input_dim)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, latent_dim) activations in (0, 1)."""
+        return torch.sigmoid(self.encoder(x.flatten(1)))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """(N, latent_dim) -> (N, C, H, W) in (0, 1)."""
+        return torch.sigmoid(self.decoder(z)).view(-1, *self.sample_shape)
+
+
 ModelFactory = Callable[..., Autoencoder]
 
 #: Family name (``family:`` in a model's params) -> class.

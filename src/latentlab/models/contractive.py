@@ -16,9 +16,9 @@ L is the per-pixel mean squared error and the penalty is averaged over the batch
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from latentlab.models.base import Autoencoder, ModelOutput, register
+from latentlab.models.base import ModelOutput, SigmoidAutoencoder, register
 
 
 def contractive_penalty(h: Tensor, weight: Tensor) -> Tensor:
@@ -34,7 +34,7 @@ def contractive_penalty(h: Tensor, weight: Tensor) -> Tensor:
 
 
 @register("contractive")
-class ContractiveAutoencoder(Autoencoder):
+class ContractiveAutoencoder(SigmoidAutoencoder):
     """``x -> h = sigmoid(W x + b)`` (k units) ``-> sigmoid(W' h + b')``.
 
     Loss: MSE + lam * mean_n ||J_f(x_n)||_F^2. Parts: ``reconstruction`` (MSE),
@@ -47,16 +47,6 @@ class ContractiveAutoencoder(Autoencoder):
         if lam < 0.0:
             raise ValueError(f"contractive: lam must be >= 0, got {lam}")
         self.lam = float(lam)
-        self.encoder = nn.Linear(self.input_dim, self.latent_dim)
-        self.decoder = nn.Linear(self.latent_dim, self.input_dim)
-
-    def encode(self, x: Tensor) -> Tensor:
-        """(N, C, H, W) -> (N, latent_dim) activations in (0, 1)."""
-        return torch.sigmoid(self.encoder(x.flatten(1)))
-
-    def decode(self, z: Tensor) -> Tensor:
-        """(N, latent_dim) -> (N, C, H, W) in (0, 1)."""
-        return torch.sigmoid(self.decoder(z)).view(-1, *self.sample_shape)
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> ModelOutput:
         target = x if target is None else target

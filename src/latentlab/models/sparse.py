@@ -18,9 +18,9 @@ rho_hat_j is estimated on each mini-batch, as is usual with SGD.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from latentlab.models.base import Autoencoder, ModelOutput, register
+from latentlab.models.base import ModelOutput, SigmoidAutoencoder, register
 
 _EPS = 1e-6  # rho_hat is clamped to [eps, 1 - eps] so the logs stay finite
 
@@ -41,7 +41,7 @@ def kl_sparsity(rho: float, rho_hat: Tensor) -> Tensor:
 
 
 @register("sparse")
-class SparseAutoencoder(Autoencoder):
+class SparseAutoencoder(SigmoidAutoencoder):
     """``x -> h = sigmoid(W_1 x + b_1)`` (k units) ``-> sigmoid(W_2 h + b_2)``.
 
     Loss: MSE + beta * sum_j KL(rho || rho_hat_j). Parts: ``reconstruction``
@@ -59,16 +59,6 @@ class SparseAutoencoder(Autoencoder):
             raise ValueError(f"sparse: beta must be >= 0, got {beta}")
         self.rho = float(rho)
         self.beta = float(beta)
-        self.encoder = nn.Linear(self.input_dim, self.latent_dim)
-        self.decoder = nn.Linear(self.latent_dim, self.input_dim)
-
-    def encode(self, x: Tensor) -> Tensor:
-        """(N, C, H, W) -> (N, latent_dim) activations in (0, 1)."""
-        return torch.sigmoid(self.encoder(x.flatten(1)))
-
-    def decode(self, z: Tensor) -> Tensor:
-        """(N, latent_dim) -> (N, C, H, W) in (0, 1)."""
-        return torch.sigmoid(self.decoder(z)).view(-1, *self.sample_shape)
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> ModelOutput:
         target = x if target is None else target
