@@ -87,8 +87,14 @@ def engine_loop(images: np.ndarray, steps: int, device: torch.device, seed: int)
     train = engine.TrainingData(np.concatenate([x] * reps)[:n])
     val = engine.TrainingData(x[:BATCH])
     cfg = TrainingConfig(epochs=1, batch_size=BATCH, lr=1e-3, amp=False)
-    result = engine.fit(model, train, val, cfg, seed=seed, device=device, progress=False)
-    steps_loss = result.history[-1]["train_loss"]
+    last: list[float] = []
+
+    def keep_last_steps(report: engine.EpochReport, model: object) -> None:
+        last[:] = report.steps["loss"][-20:]
+
+    result = engine.fit(model, train, val, cfg, seed=seed, device=device, progress=False, on_epoch=keep_last_steps)
+    # The mean loss of the last 20 steps, as for the DataLoader loop.
+    steps_loss = float(np.mean(last))
     outside = 1.0 - result.compute_seconds / result.wall_seconds
     return steps * BATCH / result.wall_seconds, steps_loss, outside
 
