@@ -9,7 +9,9 @@ its main output. Paths are relative to ``root``, the folder of ``dvc.yaml``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from latentlab.config import Params, load_params
 from latentlab.errors import ConfigError, ValidationFailed
@@ -177,42 +179,36 @@ def compare(dataset: str, root: Path = Path(".")) -> Path:
     return metrics_path
 
 
-def anomaly(dataset: str, root: Path = Path(".")) -> Path:
-    """One-class anomaly detection on ``dataset``: one model per normal class."""
-    from latentlab.anomaly import run_anomaly
+def _study(name: str, dataset: str, root: Path, summary: Callable[[dict[str, Any]], dict[str, Any]]) -> Path:
+    """Run a per-dataset study (``anomaly`` or ``sparsity``) in one MLflow run.
 
+    The study logs its per-step figures through ``log``; ``summary`` picks what
+    is logged once at the end.
+    """
+    import importlib
+
+    run_study = getattr(importlib.import_module(f"latentlab.{name}"), f"run_{name}")
     params, paths = _setup(root)
     params.dataset(dataset)
-    cfg = params.evaluate.anomaly
+    cfg = getattr(params.evaluate, name)
     with stage_run(
-        "anomaly", dataset, root=paths.root, experiment=params.pipeline.experiment, params=cfg.model_dump(mode="json")
+        name, dataset, root=paths.root, experiment=params.pipeline.experiment, params=cfg.model_dump(mode="json")
     ) as run:
-        metrics, metrics_path, figures = run_anomaly(
-            params, dataset, paths, log=lambda m, step: run.log_metrics(m, step)
-        )
-        run.log_metrics({"mean_auroc": metrics["mean_auroc"], "mean_auprc": metrics["mean_auprc"]})
+        metrics, metrics_path, figures = run_study(params, dataset, paths, log=lambda m, step: run.log_metrics(m, step))
+        run.log_metrics(summary(metrics))
         run.log_artifact(metrics_path, "metrics")
         run.log_artifact(figures, "figures")
     return metrics_path
+
+
+def anomaly(dataset: str, root: Path = Path(".")) -> Path:
+    """One-class anomaly detection on ``dataset``: one model per normal class."""
+    return _study("anomaly", dataset, root, lambda m: {"mean_auroc": m["mean_auroc"], "mean_auprc": m["mean_auprc"]})
 
 
 def sparsity(dataset: str, root: Path = Path(".")) -> Path:
     """The sparse-autoencoder sweep over rho and beta on ``dataset``."""
-    from latentlab.sparsity import run_sparsity
-
-    params, paths = _setup(root)
-    params.dataset(dataset)
-    cfg = params.evaluate.sparsity
-    with stage_run(
-        "sparsity", dataset, root=paths.root, experiment=params.pipeline.experiment, params=cfg.model_dump(mode="json")
-    ) as run:
-        metrics, metrics_path, figures = run_sparsity(
-            params, dataset, paths, log=lambda m, step: run.log_metrics(m, step)
-        )
-        run.log_metrics(metrics)
-        run.log_artifact(metrics_path, "metrics")
-        run.log_artifact(figures, "figures")
-    return metrics_path
+    return _study("sparsity", dataset, root, lambda m: m)
 
 
 def report(root: Path = Path(".")) -> Path:
