@@ -77,6 +77,8 @@ def tiny_params(data_root: Path, datasets: dict[str, dict[str, Any]]) -> dict[st
     params["evaluate"]["latent"]["max_samples"] = 100
     params["evaluate"]["anomaly"]["datasets"] = []
     params["evaluate"]["sparsity"]["datasets"] = []
+    params["generate"]["datasets"] = []
+    params["collapse"]["datasets"] = []
     params["corrupt"]["block_size"] = [4]
     params["evaluate"]["grid_size"] = 4
     return params

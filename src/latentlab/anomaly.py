@@ -76,7 +76,7 @@ def _fit_and_score(
     float64 (m,) and (N,).
     """
     cfg = params.evaluate.anomaly
-    spec = params.train.spec(cfg.model)
+    spec = anomaly_spec(params)
     seed = params.train.seed
     if spec.family == "pca":
         # Closed form: the rank-k subspace of the class (no training loop, no checkpoint).
@@ -109,14 +109,52 @@ def _fit_and_score(
         device=device,
         checkpoint=paths.anomaly_checkpoint(dataset, label),
     )
-    val = m.per_image_mse(x_val, engine.reconstruct(result.model, x_val, device))
-    test = m.per_image_mse(x_test, engine.reconstruct(result.model, x_test, device))
+    val, test = (_scores(result.model, x, device, seed) for x in (x_val, x_test))
     summary = {
         "best_val_loss": float(result.best_val_loss),
         "best_epoch": float(result.best_epoch),
         "epochs_run": float(result.epochs_run),
     }
     return val, test, summary
+
+
+def anomaly_spec(params: Params) -> Any:
+    """The spec of ``evaluate.anomaly.model``: a key of train.zoo, or a VAE of generate.zoo."""
+    from latentlab.config import VaeSpec
+    from latentlab.errors import ConfigError
+
+    name = params.evaluate.anomaly.model
+    if name in params.train.zoo:
+        return params.train.zoo[name]
+    if isinstance(params.generate.zoo.get(name), VaeSpec):
+        return params.generate.zoo[name]
+    raise ConfigError(
+        f"params.yaml: evaluate.anomaly.model: {name!r} is neither a model of train.zoo nor a VAE of generate.zoo"
+    )
+
+
+def score_name(params: Params) -> str:
+    """What the anomaly score is, in words (the report says it)."""
+    return "negative ELBO (nats)" if anomaly_spec(params).family.startswith("vae") else "reconstruction MSE"
+
+
+def _scores(model: Any, x: Array, device: Any, seed: int) -> Array:
+    """Anomaly scores (N,) float64 of images ``x`` (N, C, H, W): the higher, the more anomalous.
+
+    An autoencoder scores by its per-image reconstruction MSE; a VAE by its
+    negative ELBO in nats, an upper bound on -log p(x) (An & Cho 2015 use the
+    reconstruction probability, the same idea), on images binarised once with
+    ``seed`` for the Bernoulli decoder, with a seeded draw of z.
+    """
+    import torch
+
+    from latentlab import engine
+    from latentlab.models.vae import VariationalAutoencoder, binarise, negative_elbo
+
+    if isinstance(model, VariationalAutoencoder):
+        data = binarise(x, seed) if model.likelihood == "bernoulli" else x
+        return negative_elbo(model, data, generator=torch.Generator().manual_seed(seed))
+    return m.per_image_mse(x, engine.reconstruct(model, x, device))
 
 
 def one_class(
@@ -265,7 +303,7 @@ def run_anomaly(
     from latentlab.train import subsample_index
 
     cfg = params.evaluate.anomaly
-    spec = params.train.spec(cfg.model)
+    spec = anomaly_spec(params)
     if params.train.threads:
         import torch
 
@@ -291,6 +329,7 @@ def run_anomaly(
         "mean_auprc": float(np.mean([res.metrics["auprc"] for res in results])),
         "model": cfg.model,
         "family": spec.family,
+        "score": score_name(params),
         "latent_size": cfg.latent_size,
         "threshold_percentile": cfg.threshold_percentile,
         "n_test": len(test),

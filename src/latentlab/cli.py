@@ -103,6 +103,48 @@ def sparsity(dataset: Dataset, root: Root = Path(".")) -> None:
 
 
 @app.command()
+def classifier(dataset: Dataset, root: Root = Path(".")) -> None:
+    """Train the domain classifier whose features the sample-quality metrics use."""
+    from latentlab import stages
+
+    typer.echo(_run(lambda: stages.classifier(dataset, root)))
+
+
+GenModel = Annotated[str, typer.Option("--model", "-m", help="Generative model, a key of generate.zoo.")]
+
+
+@app.command()
+def generate(dataset: Dataset, model: GenModel, root: Root = Path(".")) -> None:
+    """Train a generative model (VAE, GAN, DCGAN, cGAN) and measure the quality of its samples."""
+    from latentlab import stages
+
+    typer.echo(_run(lambda: stages.generate(dataset, model, root)))
+
+
+@app.command()
+def collapse(dataset: Dataset, root: Root = Path(".")) -> None:
+    """Model-collapse study: retrain generative models on their own samples over generations."""
+    from latentlab import stages
+
+    typer.echo(_run(lambda: stages.collapse(dataset, root)))
+
+
+@app.command("collapse-runs")
+def collapse_runs(
+    dataset: Dataset,
+    loop: Annotated[
+        list[str], typer.Option("--loop", help="Loop type(s) to run (replace, accumulate, augment, fresh).")
+    ],
+    seed: Annotated[list[int], typer.Option("--seed", help="Seed(s) to run.")],
+    root: Root = Path("."),
+) -> None:
+    """Run some (loop, seed) pairs of the collapse study and save their generations (no summary)."""
+    from latentlab import stages
+
+    typer.echo(_run(lambda: stages.collapse_runs(dataset, loop, seed, root)))
+
+
+@app.command()
 def report(root: Root = Path(".")) -> None:
     """Write reports/index.html from what the other stages produced."""
     from latentlab import stages

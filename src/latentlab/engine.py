@@ -105,7 +105,8 @@ def _to_device(arr: np.ndarray | None, device: torch.device) -> Tensor | None:
 def _autocast(device: torch.device, amp: bool):
     # bf16 needs no loss scaling; on CPU it does not help (measured), so it is GPU-only.
     enabled = amp and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    # No weight-cast cache: a CUDA graph capture must not keep casts from outside it.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
 
 @torch.no_grad()
@@ -166,16 +167,34 @@ def fit(
     checkpoint: Path | None = None,
     on_epoch: Callable[[EpochReport, Autoencoder], None] | None = None,
     progress: bool = True,
+    timing: bool = False,
 ) -> FitResult:
     """Train ``model`` with Adam(W), early stopping on validation loss and resumable checkpoints.
 
     ``checkpoint`` is the file of the resumable state (written every
     ``cfg.checkpoint_every`` epochs and at the end); if it exists and was made
     by the same model, config, seed and data, training resumes from it.
+
+    ``timing`` measures the time inside forward, backward and optimiser step
+    (``FitResult.compute_seconds``). On CPU that is free; on CUDA it needs a
+    synchronisation around every step, which stalls the launch queue, so it is
+    off unless asked for and ``compute_seconds`` is then NaN.
     """
     start_wall = time.perf_counter()
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    cuda = device.type == "cuda"
+    if cuda:
+        # Shapes are fixed within a run: let cuDNN pick its fastest kernels once.
+        torch.backends.cudnn.benchmark = True
+    # The fused kernel updates every parameter in one launch instead of several per tensor;
+    # capturable keeps the step count on the device, which a CUDA graph needs.
+    graphed = cuda and cfg.cuda_graph
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        **({"fused": True, "capturable": graphed} if cuda else {}),
+    )
     fingerprint = _fingerprint(model, cfg, seed, train, val)
 
     epoch, step, best_val, best_epoch, bad_epochs = 0, 0, math.inf, 0, 0
@@ -191,7 +210,8 @@ def fit(
             best_val, best_epoch, bad_epochs = state["best_val"], state["best_epoch"], state["bad_epochs"]
             best_state = state["best_model"]
             history = state["history"]
-            torch.set_rng_state(state["torch_rng"])
+            # map_location moved the RNG state to the device; set_rng_state wants a CPU ByteTensor.
+            torch.set_rng_state(state["torch_rng"].cpu())
             resumed_from = epoch
             log.info("resuming from %s at epoch %d", checkpoint, epoch)
         else:
@@ -203,40 +223,38 @@ def fit(
     # A small dataset gets as many epochs as it takes to reach min_steps.
     max_epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
     compute_seconds, steps_here = 0.0, 0
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    timed = timing or not cuda
+    sync = torch.cuda.synchronize if (cuda and timing) else (lambda: None)
     stopped_early = bad_epochs >= cfg.patience
+    step_fn = _eager_step(model, optimizer, inputs, targets, device, cfg.amp)
+    if graphed and n >= cfg.batch_size and epoch < max_epochs and not stopped_early:
+        step_fn = _graphed_step(model, optimizer, inputs, targets, device, cfg, step_fn)
 
     while epoch < max_epochs and not stopped_early:
         epoch_start = time.perf_counter()
         model.train()
         # The batch order of epoch e depends only on (seed, e): resuming replays it exactly.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).to(device)
-        steps: dict[str, list[float]] = {}
         bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{max_epochs}", progress)
+        # Per-step values stay on the device, (steps, 1 + parts); one transfer per epoch,
+        # so the host never waits on the GPU inside the loop.
+        step_values: list[Tensor] = []
         for first in range(0, n, cfg.batch_size):
             index = order[first : first + cfg.batch_size]
-            x = inputs[index]
-            t = None if targets is None else targets[index]
             sync()
             t0 = time.perf_counter()
-            with _autocast(device, cfg.amp):
-                out = model(x, t)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
+            step_values.append(step_fn(index))
             sync()
             compute_seconds += time.perf_counter() - t0
             step += 1
             steps_here += 1
-            # One device->host transfer per step for all parts together.
-            values = torch.stack([out.loss.detach().float(), *(v.float() for v in out.parts.values())]).tolist()
-            for name, value in zip(["loss", *out.parts], values, strict=True):
-                steps.setdefault(name, []).append(value)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{values[0]:.4g}", refresh=False)
         if bar is not None:
             bar.close()
+        names = ["loss", *step_fn.part_names]
+        columns = torch.stack(step_values).T.tolist()
+        steps: dict[str, list[float]] = dict(zip(names, columns, strict=True))
         epoch += 1
         val_parts = evaluate_loss(model, val, device, cfg.amp)
         improved = val_parts["loss"] < best_val - cfg.min_delta
@@ -295,9 +313,104 @@ def fit(
         resumed_from_epoch=resumed_from,
         history=history,
         wall_seconds=time.perf_counter() - start_wall,
-        compute_seconds=compute_seconds,
+        compute_seconds=compute_seconds if timed else math.nan,
         train_steps=steps_here,
     )
+
+
+class _Step:
+    """One optimiser step on the batch ``index``; returns (1 + parts,) detached losses on the device."""
+
+    part_names: list[str]
+
+    def __call__(self, index: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class _eager_step(_Step):  # noqa: N801 - used like a function
+    def __init__(
+        self,
+        model: Autoencoder,
+        optimizer: torch.optim.Optimizer,
+        inputs: Tensor,
+        targets: Tensor | None,
+        device: torch.device,
+        amp: bool,
+    ) -> None:
+        self.model, self.optimizer, self.inputs, self.targets = model, optimizer, inputs, targets
+        self.device, self.amp = device, amp
+        self.part_names = []
+
+    def __call__(self, index: Tensor) -> Tensor:
+        x = self.inputs[index]
+        t = None if self.targets is None else self.targets[index]
+        with _autocast(self.device, self.amp):
+            out = self.model(x, t)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+        self.part_names = list(out.parts)
+        return torch.stack([out.loss.detach().float(), *(v.float() for v in out.parts.values())])
+
+
+class _graphed_step(_Step):  # noqa: N801 - used like a function
+    """The whole step (gather, forward, backward, AdamW) captured once as a CUDA graph and replayed.
+
+    A small model's step is a few hundred tiny kernels, so on a GPU its time is
+    the CPU launching them; replaying a graph launches them all at once
+    (PyTorch's "whole-network capture", torch.cuda.graphs). Only full batches
+    replay; an epoch's last, smaller batch runs eagerly. The warm-up steps that
+    capture needs run with lr 0 and their optimiser state and batch-norm
+    statistics are reset afterwards, so they leave no trace in training.
+    """
+
+    def __init__(
+        self,
+        model: Autoencoder,
+        optimizer: torch.optim.Optimizer,
+        inputs: Tensor,
+        targets: Tensor | None,
+        device: torch.device,
+        cfg: TrainingConfig,
+        eager: _eager_step,
+    ) -> None:
+        self.eager, self.batch_size = eager, cfg.batch_size
+        self.static_index = torch.arange(cfg.batch_size, device=device)
+        buffers = [b.detach().clone() for b in model.buffers()]
+        had_state = bool(optimizer.state)
+        saved_state = {k: {n: v.detach().clone() for n, v in st.items()} for k, st in optimizer.state.items()}
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                eager(self.static_index)
+        torch.cuda.current_stream().wait_stream(side)
+        # Undo the warm-up in place (capture records these very tensors' addresses).
+        for buf, saved in zip(model.buffers(), buffers, strict=True):
+            buf.copy_(saved)
+        for param, st in optimizer.state.items():
+            for name, value in st.items():
+                if had_state and param in saved_state:
+                    value.copy_(saved_state[param][name])
+                else:
+                    value.zero_()
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self.part_names = eager.part_names
+        self.graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self.static_values = eager(self.static_index)
+
+    def __call__(self, index: Tensor) -> Tensor:
+        if len(index) != self.batch_size:
+            return self.eager(index)
+        self.static_index.copy_(index)
+        self.graph.replay()
+        return self.static_values.clone()
 
 
 def _progress(total: int, desc: str, enabled: bool):

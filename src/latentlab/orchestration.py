@@ -80,6 +80,53 @@ def sparsity_task(dataset: str, root: str) -> str:
     return str(out)
 
 
+@task(name="classifier", task_run_name="classifier-{dataset}", cache_policy=NONE)
+def classifier_task(dataset: str, root: str) -> str:
+    out = stages.classifier(dataset, Path(root))
+    get_run_logger().info("domain classifier of %s: %s", dataset, out)
+    return str(out)
+
+
+@task(name="generate", task_run_name="generate-{model}-{dataset}", cache_policy=NONE)
+def generate_task(dataset: str, model: str, root: str) -> str:
+    out = stages.generate(dataset, model, Path(root))
+    get_run_logger().info("generative model %s on %s: %s", model, dataset, out)
+    return str(out)
+
+
+@task(name="collapse-loop", task_run_name="collapse-{dataset}-{loop}-seed{seed}", cache_policy=NONE)
+def collapse_loop_task(dataset: str, loop: str, seed: int, root: str) -> str:
+    """One (loop type, seed) pair of the collapse study, in a process of its own.
+
+    A process, not the task's thread: torch's global RNG (weight initialisation,
+    VAE noise) is shared by threads, so pairs in threads would not be
+    reproducible, and one thread per process keeps parallel pairs from slowing
+    each other down.
+    """
+    import subprocess
+    import sys
+
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "latentlab", "collapse-runs", dataset, "--loop", loop, "--seed", str(seed)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd + ["--root", root], env=env, capture_output=True, text=True, check=False)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.strip():
+            logger.info(line)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"collapse loop {loop} (seed {seed}) on {dataset} failed: {tail[0]}")
+    logger.info("collapse loop %s (seed %d) on %s: generations saved", loop, seed, dataset)
+    return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+
+
+@task(name="collapse", task_run_name="collapse-{dataset}", cache_policy=NONE)
+def collapse_task(dataset: str, root: str) -> str:
+    out = stages.collapse(dataset, Path(root))
+    get_run_logger().info("collapse study of %s: %s", dataset, out)
+    return str(out)
+
+
 @task(name="report", task_run_name="report", cache_policy=NONE)
 def report_task(root: str) -> str:
     out = stages.report(Path(root))
@@ -107,4 +154,35 @@ def pipeline_flow(root: str = ".", datasets: list[str] | None = None) -> str:
             anomaly_task(dataset, root)
         if dataset in params.evaluate.sparsity.datasets:
             sparsity_task(dataset, root)
+        if dataset in params.generate.datasets:
+            classifier_task(dataset, root)
+            for model in params.generate.models:
+                generate_task(dataset, model, root)
+        if dataset in params.collapse.datasets:
+            collapse_flow(root, dataset)
     return report_task(root)
+
+
+@flow(name="collapse", log_prints=True)
+def collapse_flow(root: str = ".", dataset: str | None = None) -> str:
+    """The model-collapse study of ``dataset`` (default: the first of collapse.datasets).
+
+    Generations of one loop run in sequence inside one task; the (loop type,
+    seed) pairs run in parallel as task runs. Each finished generation is saved
+    (results and samples), so the closing ``collapse`` task finds every pair
+    done, fits nothing, and writes the summary, the figures and the MLflow
+    parent run with one child run per generation. The domain classifier must
+    exist (the ``classifier`` stage) and is trained here when missing.
+    """
+    params = load_params(ProjectPaths(Path(root)).params)
+    if dataset is None:
+        if not params.collapse.datasets:
+            raise ValueError("params.yaml: collapse.datasets is empty: no dataset to run the collapse study on")
+        dataset = params.collapse.datasets[0]
+    if not (ProjectPaths(Path(root)).classifier(dataset) / "classifier.pt").exists():
+        classifier_task(dataset, root)
+    pairs = [(loop, seed) for loop in params.collapse.loops for seed in params.collapse.seeds]
+    futures = [collapse_loop_task.submit(dataset, loop, seed, root) for loop, seed in pairs]
+    for future in futures:
+        future.result()
+    return collapse_task(dataset, root)

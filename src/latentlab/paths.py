@@ -52,6 +52,34 @@ class ProjectPaths:
         """Resumable training state of one setting of the sparse-autoencoder sweep."""
         return self.root / "checkpoints" / dataset / "sparsity" / f"rho{rho:g}_beta{beta:g}.pt"
 
+    def classifier(self, dataset: str) -> Path:
+        """Folder with the domain classifier of ``dataset`` (``classifier.pt``), used by the quality metrics."""
+        # Not under models/{dataset}/: the compare stage depends on that whole folder.
+        return self.root / "models" / "classifier" / dataset
+
+    def classifier_checkpoint(self, dataset: str) -> Path:
+        return self.root / "checkpoints" / dataset / "classifier.pt"
+
+    def generative_model(self, dataset: str, model: str) -> Path:
+        """Folder with the trained generative model ``model`` (a key of generate.zoo) on ``dataset``."""
+        return self.root / "models" / "generate" / dataset / model
+
+    def generative_checkpoint(self, dataset: str, model: str, tag: str) -> Path:
+        """Resumable training state of one network of ``model`` (``tag`` e.g. ``k16`` or ``gan``)."""
+        return self.root / "checkpoints" / dataset / "generate" / model / f"{tag}.pt"
+
+    def generative_metrics(self, dataset: str, model: str) -> Path:
+        """Metrics JSON of a generative model (a DVC metrics file)."""
+        return self.root / "metrics" / "generate" / dataset / f"{model}.json"
+
+    def generative_report(self, dataset: str, model: str) -> Path:
+        """Figures of a generative model: sample grids, interpolations, manifold, quality curves."""
+        return self.reports / "generate" / dataset / model
+
+    def collapse_state(self, dataset: str) -> Path:
+        """Finished generations of the collapse study (results and samples), so a rerun resumes."""
+        return self.root / "checkpoints" / dataset / "collapse"
+
     def metrics(self, dataset: str, family: str) -> Path:
         """Metrics JSON of ``family`` on ``dataset`` (a DVC metrics file)."""
         return self.root / "metrics" / dataset / f"{family}.json"

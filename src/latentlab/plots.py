@@ -252,3 +252,108 @@ def save_tiles(rows: Sequence[np.ndarray], path: Path, *, scale: int = 2, spectr
         picture.save(tmp, format="PNG")
     return path
 
+
+def save_image_mosaic(
+    images: np.ndarray,
+    path: Path,
+    *,
+    title: str = "",
+    xticks: Sequence[float] | None = None,
+    yticks: Sequence[float] | None = None,
+    xlabel: str = "",
+    ylabel: str = "",
+    spectrogram: bool = False,
+) -> Path:
+    """A grid of images (R, K, C, H, W) in [0, 1] drawn as one picture with labelled axes.
+
+    Row 0 is drawn at the top. ``xticks`` (K values) and ``yticks`` (R values,
+    top row first) label the columns and rows, e.g. the latent coordinates a
+    decoder was evaluated at; one imshow call, so large grids stay cheap.
+    """
+    grid = np.asarray(images, dtype=np.float32)
+    if grid.ndim != 5:
+        raise ValueError(f"images must be (rows, cols, C, H, W), got shape {grid.shape}")
+    n_rows, n_cols = grid.shape[:2]
+    shown = displayable(grid.reshape(-1, *grid.shape[2:]))  # (R K, H, W[, 3])
+    if spectrogram:
+        shown = shown[:, ::-1]
+    h, w = shown.shape[1:3]
+    tiles = shown.reshape(n_rows, n_cols, *shown.shape[1:])
+    # (R, K, H, W[, 3]) -> (R H, K W[, 3])
+    canvas = np.concatenate([np.concatenate(list(row), axis=1) for row in tiles], axis=0)
+    plt = _pyplot()
+    side = min(9.0, max(3.5, 0.45 * max(n_rows, n_cols)))
+    fig, ax = plt.subplots(figsize=(side + 0.8, side * n_rows / max(n_cols, 1) + 0.6))
+    ax.imshow(canvas, cmap="gray" if canvas.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+    if xticks is not None:
+        ax.set_xticks((np.arange(n_cols) + 0.5) * w - 0.5, [f"{v:.2g}" for v in xticks], fontsize=6)
+    else:
+        ax.set_xticks([])
+    if yticks is not None:
+        ax.set_yticks((np.arange(n_rows) + 0.5) * h - 0.5, [f"{v:.2g}" for v in yticks], fontsize=6)
+    else:
+        ax.set_yticks([])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_tradeoff_panels(
+    points: Sequence[dict[str, float]],
+    point_labels: Sequence[str],
+    panels: Sequence[tuple[str, str]],
+    path: Path,
+    *,
+    axis_labels: dict[str, str] | None = None,
+    reference: dict[str, float] | None = None,
+    reference_label: str = "reference",
+    title: str = "",
+) -> Path:
+    """Side-by-side scatter panels of the same labelled points, joined in order.
+
+    ``points``: one mapping of measure -> value per point (e.g. one per
+    truncation level); ``panels``: (x measure, y measure) per panel;
+    ``point_labels`` annotate the points. ``reference`` (a mapping of the same
+    measures, e.g. the real-data floor) is drawn as a star in every panel that
+    it has both measures of. ``axis_labels`` renames measures on the axes.
+    """
+    if len(points) != len(point_labels):
+        raise ValueError(f"{len(points)} points but {len(point_labels)} labels")
+    if not panels:
+        raise ValueError("no panels to draw")
+    names = axis_labels or {}
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (x_key, y_key) in zip(axes[0], panels, strict=True):
+        xs = [float(p[x_key]) for p in points]
+        ys = [float(p[y_key]) for p in points]
+        ax.plot(xs, ys, marker="o", color="tab:blue", linewidth=1)
+        for x, y, label in zip(xs, ys, point_labels, strict=True):
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if reference is not None and x_key in reference and y_key in reference:
+            ax.scatter(
+                [float(reference[x_key])],
+                [float(reference[y_key])],
+                marker="*",
+                s=120,
+                color="tab:red",
+                label=reference_label,
+                zorder=3,
+            )
+            ax.legend(fontsize=7)
+        ax.set_xlabel(names.get(x_key, x_key))
+        ax.set_ylabel(names.get(y_key, y_key))
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    return path

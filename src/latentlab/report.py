@@ -33,7 +33,7 @@ img { max-width: 100%; border: 1px solid #ddd; margin: .3rem 0; }
 .maps img { max-width: 32%; } nav a { margin-right: 1rem; } .muted { color: #666; font-size: .88rem; }
 </style></head><body>
 <h1>{{ title }}</h1>
-<p>Datasets: <nav style="display:inline">{% for d in datasets %}<a href="#{{ d.name }}">{{ d.name }}</a>{% endfor %}</nav></p>
+<p>Datasets: <nav style="display:inline">{% for d in datasets %}<a href="#{{ d.name }}">{{ d.name }}</a>{% endfor %}{% if generative %} <a href="#generative">generative models</a>{% endif %}{% if collapse %} <a href="#collapse">model collapse</a>{% endif %}</nav></p>
 <p>Every number and figure below comes from the pipeline's last run (<code>dvc repro</code> or the Prefect flow);
 the MLflow UI holds every run's parameters, per-step losses and artifacts.
 MSE is the mean squared error per pixel with values in [0, 1]; PSNR (dB) is the mean over images of 10·log10(1/MSE<sub>i</sub>);
@@ -104,7 +104,7 @@ SSIM is the mean structural similarity (Wang et al. 2004).</p>
 
 {% if d.compare and d.compare.get("speech_cleaning") %}
 <h3>Speech cleaning</h3>
-<p class="muted">Spectral SNR (dB) between the clean and the estimated mel magnitude spectrograms, averaged over test clips. The Wiener filter (decision-directed, noise estimated from each clip's quietest frames) works on the waveform; its output is turned into the same log-mel spectrogram. Cleaned audio is rebuilt by Griffin-Lim.</p>
+<p class="muted">Spectral SNR (dB) between the clean and the estimated mel magnitude spectrograms, averaged over test clips. The Wiener filter (decision-directed) works on the waveform; its noise spectrum comes from each clip's quietest frames for white noise, and for babble, which is silent wherever the clip is, from a noise-only reference (the clip's added noise, averaged over time: an optimistic stationary baseline); its output is turned into the same log-mel spectrogram. Cleaned audio is rebuilt by Griffin-Lim.</p>
 {% for name, r in d.compare.speech_cleaning.items() %}
 <h4>{{ name }}</h4>
 <table><tr><th class="l">method</th><th>SNR (dB)</th><th>gain over noisy (dB)</th><th>gain over Wiener (dB)</th></tr>
@@ -116,7 +116,7 @@ SSIM is the mean structural similarity (Wang et al. 2004).</p>
 
 {% if d.anomaly %}
 <h3>One-class anomaly detection</h3>
-<p>For each class, a {{ d.anomaly.model }} autoencoder (k={{ d.anomaly.latent_size }}) trained on that class alone scores every test sample by its reconstruction error; the threshold is the {{ d.anomaly.threshold_percentile }}th percentile of the normal validation scores.
+<p>For each class, a {{ d.anomaly.model }} model (k={{ d.anomaly.latent_size }}) trained on that class alone scores every test sample by its {{ d.anomaly.get('score', 'reconstruction MSE') }}; the threshold is the {{ d.anomaly.threshold_percentile }}th percentile of the normal validation scores.
 Mean AUROC <b>{{ "%.3f"|format(d.anomaly.mean_auroc) }}</b>, mean AUPRC <b>{{ "%.3f"|format(d.anomaly.mean_auprc) }}</b>.</p>
 <table><tr><th class="l">normal class</th><th>AUROC</th><th>AUPRC</th><th>AUPRC at chance</th><th>threshold</th><th>precision</th><th>recall</th><th>F1</th></tr>
 {% for c, r in d.anomaly.per_class.items() %}<tr><td class="l">{{ c }}</td><td>{{ "%.3f"|format(r.auroc) }}</td><td>{{ "%.3f"|format(r.auprc) }}</td><td>{{ "%.3f"|format(r.auprc_chance) }}</td><td>{{ "%.4g"|format(r.threshold) }}</td><td>{{ "%.3f"|format(r.precision) }}</td><td>{{ "%.3f"|format(r.recall) }}</td><td>{{ "%.3f"|format(r.f1) }}</td></tr>{% endfor %}
@@ -133,6 +133,10 @@ Mean AUROC <b>{{ "%.3f"|format(d.anomaly.mean_auroc) }}</b>, mean AUPRC <b>{{ "%
 {% endif %}
 {% endif %}
 {% endfor %}
+{% if generative %}<h2 id="generative">Generative models</h2>
+{{ generative|safe }}{% endif %}
+{% if collapse %}<h2 id="collapse">Model collapse over generations</h2>
+{{ collapse|safe }}{% endif %}
 </body></html>
 """
 
@@ -273,6 +277,19 @@ def build_report(params: Params, paths: ProjectPaths) -> Path:
     page = env.from_string(_TEMPLATE).render(
         title=params.report.title,
         datasets=[_dataset_section(name, params, paths) for name in params.pipeline.datasets],
+        generative=_optional_section("latentlab.generative", "generative_report_section", params, paths)
+        if params.generate.datasets
+        else "",
+        collapse=_optional_section("latentlab.collapse", "collapse_report_section", params, paths)
+        if params.collapse.datasets
+        else "",
     )
     write_text(paths.report_index, page)
     return paths.report_index
+
+
+def _optional_section(module: str, function: str, params: Params, paths: ProjectPaths) -> str:
+    """An HTML fragment written by a study module (its own tables and figures; links relative to reports/)."""
+    import importlib
+
+    return getattr(importlib.import_module(module), function)(params, paths)

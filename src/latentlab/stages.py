@@ -211,6 +211,102 @@ def sparsity(dataset: str, root: Path = Path(".")) -> Path:
     return _study("sparsity", dataset, root, lambda m: m)
 
 
+def _listed(params: Params, dataset: str, section: str) -> None:
+    """``dataset`` must be defined and listed in ``{section}.datasets`` (generate, collapse)."""
+    params.dataset(dataset)
+    if dataset not in getattr(params, section).datasets:
+        raise ConfigError(f"params.yaml: {section}.datasets: {dataset!r} is not listed")
+
+
+def classifier(dataset: str, root: Path = Path(".")) -> Path:
+    """Train the domain classifier of ``dataset`` whose features the sample-quality metrics use."""
+    from latentlab.generative import train_domain_classifier
+
+    params, paths = _setup(root)
+    _listed(params, dataset, "generate")
+    with stage_run(
+        "classifier",
+        dataset,
+        root=paths.root,
+        experiment=params.pipeline.experiment,
+        params=params.generate.quality.classifier.model_dump(mode="json"),
+    ) as run:
+        metrics, metrics_path = train_domain_classifier(params, dataset, paths, run)
+        run.log_metrics(metrics)
+        run.log_artifact(metrics_path, "metrics")
+    return metrics_path
+
+
+def generate(dataset: str, model: str, root: Path = Path(".")) -> Path:
+    """Train generative model ``model`` (a key of generate.zoo) on ``dataset`` and measure its samples."""
+    from latentlab.generative import evaluate_generative, train_generative
+
+    params, paths = _setup(root)
+    _listed(params, dataset, "generate")
+    spec = params.generate.spec(model)
+    if model not in params.generate.models:
+        raise ConfigError(f"params.yaml: generate.models: {model!r} is defined in generate.zoo but not listed")
+    with stage_run(
+        "generate",
+        dataset,
+        root=paths.root,
+        experiment=params.pipeline.experiment,
+        params={"model": spec.model_dump(mode="json"), "quality": params.generate.quality.model_dump(mode="json")},
+        tags={"latentlab.model": model, "latentlab.family": spec.family},
+    ) as run:
+        trained = train_generative(params, dataset, model, paths, run)
+        run.log_metrics(trained["metrics"])
+        metrics, metrics_path, figures = evaluate_generative(params, dataset, model, paths)
+        run.log_metrics(metrics)
+        run.log_artifact(metrics_path, "metrics")
+        run.log_artifact(figures, "figures")
+    return metrics_path
+
+
+def collapse_runs(dataset: str, loops: list[str], seeds: list[int], root: Path = Path(".")) -> Path:
+    """Run some (loop type, seed) pairs of the collapse study, saving each finished generation.
+
+    The Prefect ``collapse`` flow runs the pairs in parallel with this, then
+    :func:`collapse` once, which finds them finished and only summarises.
+    """
+    from latentlab.collapse import run_collapse_pairs
+
+    params, paths = _setup(root)
+    _listed(params, dataset, "collapse")
+    run_collapse_pairs(params, dataset, paths, loops=loops, seeds=seeds)
+    return paths.collapse_state(dataset)
+
+
+def collapse(dataset: str, root: Path = Path(".")) -> Path:
+    """The model-collapse study on ``dataset``: one MLflow parent run, one child run per generation."""
+    from latentlab.collapse import run_collapse
+
+    params, paths = _setup(root)
+    _listed(params, dataset, "collapse")
+    with stage_run(
+        "collapse",
+        dataset,
+        root=paths.root,
+        experiment=params.pipeline.experiment,
+        params={"collapse": params.collapse.model_dump(mode="json")},
+        tags={"latentlab.model": params.collapse.model},
+    ) as run:
+        metrics, metrics_path, figures = run_collapse(params, dataset, paths)
+        for result in metrics["results"]:
+            loop, seed, generation, phase = result["loop"], result["seed"], result["generation"], result["phase"]
+            run.log_child_run(
+                f"collapse:{dataset}:{loop}:seed{seed}:{phase}{generation}",
+                params={k: result[k] for k in ("loop", "seed", "generation", "phase", "n_real", "n_synthetic")},
+                metrics={**result["metrics"], "seconds": result["seconds"]},
+                tags={"latentlab.stage": "collapse-generation", "latentlab.dataset": dataset},
+            )
+        run.log_metrics({"relative_change": metrics.get("relative_change", {})})
+        run.set_tags({"latentlab.collapse_pattern": str(metrics.get("pattern", {}).get("verdict", ""))[:5000]})
+        run.log_artifact(metrics_path, "metrics")
+        run.log_artifact(figures, "figures")
+    return metrics_path
+
+
 def report(root: Path = Path(".")) -> Path:
     """Write ``reports/index.html``."""
     from latentlab.report import build_report

@@ -116,6 +116,38 @@ class RunLogger:
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
 
+    def log_child_run(
+        self,
+        name: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        artifacts: Path | None = None,
+    ) -> str:
+        """A finished child run of this run (``mlflow.parentRunId``), e.g. one generation of a study.
+
+        Returns the child's run id. The MLflow UI nests it under this run.
+        """
+        experiment_id = self._client.get_run(self.run_id).info.experiment_id
+        all_tags = {"mlflow.parentRunId": self.run_id, "mlflow.runName": name}
+        all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+        child = RunLogger(
+            self._client, self._client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
+        )
+        status = "FAILED"
+        try:
+            if params:
+                child.log_params(params)
+            if metrics:
+                child.log_metrics(metrics)
+            if artifacts is not None:
+                child.log_artifact(artifacts)
+            status = "FINISHED"
+        finally:
+            self._client.set_terminated(child.run_id, status)
+        return child.run_id
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():

@@ -78,6 +78,8 @@ def _write_dataset(root: Path) -> ProjectPaths:
 def _params(model: str = "conv_plus") -> Params:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["pipeline"]["datasets"] = [DATASET]
+    raw["generate"]["datasets"] = []
+    raw["collapse"]["datasets"] = []
     raw["ingest"]["datasets"] = {DATASET: {"kind": "idx", "path": "unused"}}
     raw["train"]["device"] = "cpu"
     raw["train"]["zoo"]["conv_plus"]["channels"] = [8, 16]
@@ -176,6 +178,33 @@ def test_anomaly_with_pca(tmp_path: Path) -> None:
     assert result["family"] == "pca"
     assert all(cls["auroc"] > 0.9 for cls in result["per_class"].values())
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_anomaly_with_a_vae_scores_by_negative_elbo(tmp_path: Path) -> None:
+    paths = _write_dataset(tmp_path)
+    raw = _params().model_dump(mode="json", by_alias=True)
+    raw["generate"]["models"] = []
+    raw["generate"]["zoo"] = {"vae_anomaly": {"family": "vae_mlp", "hidden": [32], "latent_sizes": [4]}}
+    raw["evaluate"]["anomaly"]["model"] = "vae_anomaly"
+    params = parse_params(raw)
+    result, _, _ = run_anomaly(params, DATASET, paths)
+    assert result["family"] == "vae_mlp"
+    assert result["score"] == "negative ELBO (nats)"
+    assert all(cls["auroc"] > 0.9 for cls in result["per_class"].values())
+    # The threshold is a percentile of negative ELBOs: nats per image, far above any per-pixel MSE.
+    assert all(cls["threshold"] > 1.0 for cls in result["per_class"].values())
+
+
+def test_anomaly_model_must_be_an_autoencoder_or_a_vae() -> None:
+    from latentlab.anomaly import anomaly_spec
+    from latentlab.errors import ConfigError
+
+    raw = _params().model_dump(mode="json", by_alias=True)
+    raw["generate"]["models"] = []
+    raw["generate"]["zoo"] = {"gan": {"family": "gan"}}
+    raw["evaluate"]["anomaly"]["model"] = "gan"
+    with pytest.raises(ConfigError, match="evaluate.anomaly.model"):
+        anomaly_spec(parse_params(raw))
 
 
 def test_sparsity_sweep(tmp_path: Path) -> None:

@@ -101,7 +101,7 @@ def register(name: str) -> Callable[[type[Autoencoder]], type[Autoencoder]]:
 def build_model(family: str, sample_shape: tuple[int, int, int], latent_dim: int, **options: Any) -> Autoencoder:
     """Build a registered family; ``options`` are the family's own hyperparameters."""
     # Importing the family modules fills the registry; done here, not at package import.
-    from latentlab.models import contractive, conv, deep, linear, sparse  # noqa: F401
+    from latentlab.models import contractive, conv, deep, linear, sparse, vae  # noqa: F401
 
     try:
         factory = MODEL_REGISTRY[family]
