@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything latentlab needs, idempotently (a no-op in well under a second
 # when nothing changed):
-#   1. system packages for the offline default data, when apt-get is usable:
-#      espeak-ng (spoken digits) and dataset-fashion-mnist (Fashion-MNIST);
+#   1. system packages, when apt-get is usable: espeak-ng (spoken digits) and
+#      dataset-fashion-mnist (Fashion-MNIST) for the offline default data, and
+#      chromium for the test that drives the MLflow UI in a headless browser;
 #   2. a virtual environment in .venv with the pinned packages (requirements.lock)
 #      and latentlab installed in editable mode.
 # Override the interpreter with PYTHON=/path/to/python3.11.
@@ -16,6 +17,7 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 want=()
 command -v espeak-ng >/dev/null 2>&1 || want+=(espeak-ng)
 [ -d /usr/share/datasets/fashion-mnist ] || want+=(dataset-fashion-mnist)
+command -v chromium >/dev/null 2>&1 || want+=(chromium)
 if [ ${#want[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""

@@ -145,6 +145,46 @@ def collapse_runs(
 
 
 @app.command()
+def serve(root: Root = Path(".")) -> None:
+    """Serve the Prefect deployments (pipeline and collapse, on their cron schedules) until Ctrl-C."""
+    from latentlab.deploy import serve as serve_deployments
+
+    if not os.environ.get("PREFECT_API_URL"):
+        typer.echo(
+            "error: PREFECT_API_URL is not set: start a server (latentlab server) and "
+            "export PREFECT_API_URL=http://127.0.0.1:4200/api, or point it at a remote server",
+            err=True,
+        )
+        raise typer.Exit(2)
+    _run(lambda: serve_deployments(root))
+
+
+@app.command()
+def server(port: Annotated[int, typer.Option(help="Port of the API and UI.")] = 4200) -> None:
+    """Start a local Prefect server on 127.0.0.1 (UI and API) until Ctrl-C."""
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    typer.echo(
+        f"Prefect UI on http://127.0.0.1:{port}; in other shells: export PREFECT_API_URL=http://127.0.0.1:{port}/api"
+    )
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command("next-runs")
+def next_runs(root: Root = Path("."), count: Annotated[int, typer.Option(help="Runs to list.")] = 3) -> None:
+    """Print when each scheduled deployment runs next."""
+    from latentlab.config import load_params
+    from latentlab.deploy import COLLAPSE_DEPLOYMENT, PIPELINE_DEPLOYMENT
+    from latentlab.deploy import next_runs as upcoming
+
+    schedule = _run(lambda: load_params(root / "params.yaml")).schedule
+    for name, cfg in ((PIPELINE_DEPLOYMENT, schedule.pipeline), (COLLAPSE_DEPLOYMENT, schedule.collapse)):
+        when = (
+            ", ".join(t.isoformat() for t in upcoming(cfg.cron, schedule.timezone, count)) if cfg.cron else "on demand"
+        )
+        typer.echo(f"{name} ({cfg.cron or 'no schedule'}, {schedule.timezone}): {when}")
+
+
+@app.command()
 def report(root: Root = Path(".")) -> None:
     """Write reports/index.html from what the other stages produced."""
     from latentlab import stages

@@ -100,6 +100,7 @@ class BackendContext:
     device: torch.device
     latent_size: int | None = None  # VAE latent size; None = the zoo entry's largest
     checkpoint_dir: Path | None = None  # resumable state of each fit (one folder per loop and seed)
+    epochs: int | None = None  # collapse.epochs: epochs of every fit; None = the zoo entry's own
 
 
 BackendFactory = Callable[[Any, BackendContext], GenerativeBackend]
@@ -144,6 +145,18 @@ def _cpu_generator(seed: int) -> torch.Generator:
 
 
 # ---------------------------------------------------------------------- VAE
+def _training_update(context: BackendContext, training: Any) -> dict[str, Any]:
+    """The zoo entry's training settings, changed for the study: never a cap on the training set
+    (it would silently change what ``accumulate`` means), and ``collapse.epochs`` when given (with
+    no ``min_steps`` floor, so every generation trains for exactly that many epochs)."""
+    update: dict[str, Any] = {"max_train_samples": None}
+    if context.epochs is not None:
+        update["epochs"] = context.epochs
+        if hasattr(training, "min_steps"):
+            update["min_steps"] = 0
+    return update
+
+
 class VaeBackend:
     """A VAE of generate.zoo trained with :func:`latentlab.engine.fit`.
 
@@ -160,7 +173,7 @@ class VaeBackend:
         heldout = np.asarray(context.heldout, np.float32)
         # The Bernoulli likelihood is defined on binary images: binarise once, with a fixed seed.
         self.heldout = binarise(heldout, HELDOUT_SEED) if spec.likelihood == "bernoulli" else heldout
-        self.training = spec.training.model_copy(update={"max_train_samples": None})
+        self.training = spec.training.model_copy(update=_training_update(context, spec.training))
 
     def fit(self, images: Array, labels: Array | None, *, seed: int, generation: int) -> Any:
         from latentlab import engine
@@ -222,7 +235,7 @@ class GanBackend:
         self.spec = spec
         self.context = context
         self.conditional = spec.family == "cgan"
-        self.training = spec.training.model_copy(update={"max_train_samples": None})
+        self.training = spec.training.model_copy(update=_training_update(context, spec.training))
 
     def fit(self, images: Array, labels: Array | None, *, seed: int, generation: int) -> Any:
         from latentlab.adversarial import fit_gan
@@ -360,12 +373,14 @@ def study_backends(
         num_classes=int(num_classes),
         device=device,
         latent_size=latent_size,
+        epochs=cfg.epochs,
     )
     settings = {
         "model": cfg.model,
         "family": spec.family,
         "spec": spec.model_dump(mode="json"),
         "latent_size": latent_size,
+        "epochs": cfg.epochs,
         "num_classes": int(num_classes),
         "k": quality.k,
         "min_fraction": quality.min_fraction,

@@ -428,6 +428,7 @@ class CollapseConfig(Section):
     datasets: tuple[str, ...] = ()  # datasets the collapse stage runs on (each in pipeline.datasets)
     model: str = "vae_mlp"  # key of generate.zoo retrained every generation
     latent_size: Annotated[int, Field(ge=1)] | None = None  # VAE latent size; None = the model's largest
+    epochs: Annotated[int, Field(ge=1)] | None = None  # epochs of each generation's model; None = the model's own
 
     loops: tuple[LoopName, ...] = LOOPS  # loop types run, each for every seed
     generations: Annotated[int, Field(ge=1)] = 5  # N: generations after generation 0 (which trains on real data)
@@ -460,6 +461,29 @@ class CollapseConfig(Section):
         return self
 
 
+# ------------------------------------------------------------------ schedule
+Cron = Annotated[str, Field(pattern=r"^\S+( \S+){4}$")]  # five fields: minute hour day-of-month month day-of-week
+
+
+class DeploymentConfig(Section):
+    """One Prefect deployment served by ``latentlab serve``: a scheduled ``dvc exp run``."""
+
+    cron: Cron | None = None  # when it runs (cron, in schedule.timezone); None = only when triggered
+    targets: tuple[str, ...] = ()  # dvc stages to reproduce (e.g. collapse); empty = the whole pipeline
+    set_params: tuple[str, ...] = ()  # `dvc exp run -S` overrides, e.g. "train.device=cuda"
+
+
+class ScheduleConfig(Section):
+    """Prefect deployments (src/latentlab/deploy.py); not read by any DVC stage."""
+
+    timezone: str = "UTC"  # time zone of the cron expressions
+    pipeline: DeploymentConfig = DeploymentConfig(cron="0 2 * * 0")  # the whole pipeline, weekly
+    collapse: DeploymentConfig = DeploymentConfig(cron="0 4 * * 0", targets=("collapse",))
+    retries: Annotated[int, Field(ge=0)] = 2  # retries of a failed dvc run (transient failures: downloads, disk)
+    retry_delay_seconds: tuple[Annotated[float, Field(ge=0.0)], ...] = (30.0, 300.0)  # backoff between retries
+    gpu_concurrency: Annotated[int, Field(ge=1)] = 1  # training task runs sharing one GPU at once
+
+
 # --------------------------------------------------------------------- report
 class ReportConfig(Section):
     title: str = "latentlab report"
@@ -481,6 +505,7 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     generate: GenerateConfig = GenerateConfig()
     collapse: CollapseConfig = CollapseConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
     report: ReportConfig = ReportConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -23,7 +23,9 @@ from latentlab.paths import ProjectPaths  # noqa: E402
 
 
 # Downloads can fail transiently: retry ingest with backoff. Other stages are
-# deterministic, so a retry would fail the same way.
+# deterministic, so a retry would fail the same way. Tasks that train networks
+# carry the tag "gpu": `latentlab serve` puts a concurrency limit on it so that
+# two trainings never share one GPU.
 @task(name="ingest", task_run_name="ingest-{dataset}", retries=2, retry_delay_seconds=[10, 60], cache_policy=NONE)
 def ingest_task(dataset: str, root: str) -> str:
     out = stages.ingest(dataset, Path(root))
@@ -45,7 +47,7 @@ def corrupt_task(dataset: str, root: str) -> str:
     return str(out)
 
 
-@task(name="train", task_run_name="train-{model}-{dataset}", cache_policy=NONE)
+@task(name="train", task_run_name="train-{model}-{dataset}", cache_policy=NONE, tags=["gpu"])
 def train_task(dataset: str, model: str, root: str) -> str:
     out = stages.train(dataset, model, Path(root))
     get_run_logger().info("trained %s on %s into %s", model, dataset, out)
@@ -66,35 +68,35 @@ def compare_task(dataset: str, root: str) -> str:
     return str(out)
 
 
-@task(name="anomaly", task_run_name="anomaly-{dataset}", cache_policy=NONE)
+@task(name="anomaly", task_run_name="anomaly-{dataset}", cache_policy=NONE, tags=["gpu"])
 def anomaly_task(dataset: str, root: str) -> str:
     out = stages.anomaly(dataset, Path(root))
     get_run_logger().info("anomaly detection on %s: %s", dataset, out)
     return str(out)
 
 
-@task(name="sparsity", task_run_name="sparsity-{dataset}", cache_policy=NONE)
+@task(name="sparsity", task_run_name="sparsity-{dataset}", cache_policy=NONE, tags=["gpu"])
 def sparsity_task(dataset: str, root: str) -> str:
     out = stages.sparsity(dataset, Path(root))
     get_run_logger().info("sparsity sweep on %s: %s", dataset, out)
     return str(out)
 
 
-@task(name="classifier", task_run_name="classifier-{dataset}", cache_policy=NONE)
+@task(name="classifier", task_run_name="classifier-{dataset}", cache_policy=NONE, tags=["gpu"])
 def classifier_task(dataset: str, root: str) -> str:
     out = stages.classifier(dataset, Path(root))
     get_run_logger().info("domain classifier of %s: %s", dataset, out)
     return str(out)
 
 
-@task(name="generate", task_run_name="generate-{model}-{dataset}", cache_policy=NONE)
+@task(name="generate", task_run_name="generate-{model}-{dataset}", cache_policy=NONE, tags=["gpu"])
 def generate_task(dataset: str, model: str, root: str) -> str:
     out = stages.generate(dataset, model, Path(root))
     get_run_logger().info("generative model %s on %s: %s", model, dataset, out)
     return str(out)
 
 
-@task(name="collapse-loop", task_run_name="collapse-{dataset}-{loop}-seed{seed}", cache_policy=NONE)
+@task(name="collapse-loop", task_run_name="collapse-{dataset}-{loop}-seed{seed}", cache_policy=NONE, tags=["gpu"])
 def collapse_loop_task(dataset: str, loop: str, seed: int, root: str) -> str:
     """One (loop type, seed) pair of the collapse study, in a process of its own.
 
@@ -186,3 +188,49 @@ def collapse_flow(root: str = ".", dataset: str | None = None) -> str:
     for future in futures:
         future.result()
     return collapse_task(dataset, root)
+
+
+@task(name="dvc-exp-run", task_run_name="dvc-exp-run", cache_policy=NONE, tags=["gpu"])
+def dvc_exp_run_task(root: str, targets: list[str], set_params: list[str]) -> str:
+    """``dvc exp run [targets] -S key=value ...`` in ``root``; returns the experiment's name.
+
+    Tagged ``gpu``: a tag concurrency limit (``latentlab serve`` sets it from
+    schedule.gpu_concurrency) keeps two trainings off one GPU. Retries come
+    from the caller (``with_options``), with backoff.
+    """
+    import re
+    import subprocess
+    import sys
+
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", "exp", "run", *targets]
+    for item in set_params:
+        cmd += ["-S", item]
+    logger.info("running %s in %s", " ".join(cmd[2:]), root)
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.strip():
+            logger.info(line)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"dvc exp run failed in {root}: {tail[0]}")
+    match = re.search(r"Ran experiment\(s\): (\S+)", proc.stdout + proc.stderr)
+    name = match.group(1) if match else ""
+    logger.info("DVC experiment %s", name or "(name not reported)")
+    return name
+
+
+@flow(name="latentlab-dvc-experiment", log_prints=True)
+def dvc_experiment_flow(root: str = ".", targets: list[str] | None = None, set_params: list[str] | None = None) -> str:
+    """The pipeline (or ``targets``) as a DVC experiment, so a scheduled run is versioned and comparable.
+
+    What a deployment of ``latentlab serve`` runs; returns the experiment name
+    (``dvc exp show`` lists it with its params and metrics).
+    """
+    schedule = load_params(ProjectPaths(Path(root)).params).schedule
+    task_with_retries = dvc_exp_run_task.with_options(
+        retries=schedule.retries, retry_delay_seconds=list(schedule.retry_delay_seconds)
+    )
+    return task_with_retries(root, list(targets or []), list(set_params or []))

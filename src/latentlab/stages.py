@@ -16,7 +16,7 @@ from typing import Any
 from latentlab.config import Params, load_params
 from latentlab.errors import ConfigError, ValidationFailed
 from latentlab.paths import ProjectPaths
-from latentlab.tracking import stage_run
+from latentlab.tracking import registered_name, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ def train(dataset: str, model: str = "pca", root: Path = Path(".")) -> Path:
         run.log_params(result.params)
         run.log_metrics(result.metrics)
         run.log_artifact(result.model_dir, "model_files")
+        run.register_logged_models(registered_name(dataset, model), result.metrics)
     return result.model_dir
 
 
@@ -258,6 +259,7 @@ def generate(dataset: str, model: str, root: Path = Path(".")) -> Path:
         run.log_metrics(trained["metrics"])
         metrics, metrics_path, figures = evaluate_generative(params, dataset, model, paths)
         run.log_metrics(metrics)
+        run.register_logged_models(registered_name(dataset, model), {**trained["metrics"], **metrics})
         run.log_artifact(metrics_path, "metrics")
         run.log_artifact(figures, "figures")
     return metrics_path

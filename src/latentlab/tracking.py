@@ -66,6 +66,7 @@ class RunLogger:
     def __init__(self, client: Any, run_id: str) -> None:
         self._client = client
         self.run_id = run_id
+        self._logged_models: list[tuple[str, str]] = []  # (name in the run, model URI)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -109,12 +110,45 @@ class RunLogger:
 
         # The run is the fluent API's active run (see stage_run). Pinning the
         # requirement skips MLflow's slow environment inference.
-        mlflow.pytorch.log_model(
+        info = mlflow.pytorch.log_model(
             model,
             name=name,
             serialization_format="pickle",
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
+        self._logged_models.append((name, info.model_uri))
+
+    def register_logged_models(self, registered_name: str, metrics: Mapping[str, Any]) -> list[str]:
+        """Register every model this run logged as a version of ``registered_name``, with its metrics.
+
+        Each logged model is the best-validation checkpoint of one network (the
+        engine restores the best weights). A name ``model_k{k}`` gives the
+        version the tag ``latent_size`` and the alias ``k{k}``; a single other
+        model gets the alias ``default`` (MLflow reserves ``latest``). The metrics whose key starts with
+        ``k{k}.`` (or all, for a single model) become the version's tags, so
+        the registry shows them. Returns the version numbers.
+        """
+        import mlflow
+
+        versions = []
+        for name, uri in self._logged_models:
+            k = name.removeprefix("model_k") if name.startswith("model_k") else None
+            picked = {key: v for key, v in flatten(metrics).items() if k is None or key.startswith(f"k{k}.")}
+            version = mlflow.register_model(uri, registered_name, await_registration_for=0)
+            tags = {
+                "latentlab.run_id": self.run_id,
+                "latentlab.artifact": name,
+                **{f"metric.{key}": v for key, v in picked.items()},
+            }
+            if k is not None:
+                tags["latent_size"] = k
+            for key, value in tags.items():
+                self._client.set_model_version_tag(registered_name, version.version, key, str(value))
+            self._client.set_registered_model_alias(
+                registered_name, f"k{k}" if k is not None else "default", version.version
+            )
+            versions.append(version.version)
+        return versions
 
     def log_child_run(
         self,
@@ -216,3 +250,17 @@ def stage_run(
     finally:
         mlflow.end_run(status=status)
         log.info("MLflow run %s (%s) ended %s", run.info.run_id, run_name, status)
+
+
+def registered_name(dataset: str, model: str) -> str:
+    """The MLflow registry name of ``model`` (a zoo key) trained on ``dataset``."""
+    return f"latentlab-{dataset}-{model}"
+
+
+def load_registered(root: Path, dataset: str, model: str, alias: str) -> Any:
+    """Load a registered model back by name: an autoencoder (``encode``/``decode``), a VAE or a GAN pair
+    (``sample``). ``alias`` is ``k{latent size}`` for per-size models, ``default`` for a GAN."""
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(root))
+    return mlflow.pytorch.load_model(f"models:/{registered_name(dataset, model)}@{alias}", map_location="cpu")

@@ -169,3 +169,149 @@ def test_second_run_does_nothing_and_a_corruption_change_reruns_only_downstream(
     # Speech ignores image corruptions: its corrupted data is unchanged, so nothing of it reruns.
     assert not {s for s in ran if "tones" in s and not s.startswith("corrupt")}
     assert "salt_pepper0.3" in json.loads((project / "metrics/compare/digits.json").read_text())["denoising"]
+
+
+def test_push_and_pull_round_trip_into_a_fresh_clone(project: Path, tmp_path: Path):
+    """Data, checkpoints and reports pushed to a remote come back, byte for byte, in a fresh clone."""
+    remote = tmp_path / "remote"
+    assert (
+        _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "-f", "local", str(remote)], project).returncode == 0
+    )
+    push = _run([sys.executable, "-m", "dvc", "push"], project)
+    assert push.returncode == 0, push.stdout[-2000:] + push.stderr[-2000:]
+    ident = ["-c", "user.name=latentlab test", "-c", "user.email=test@latentlab"]
+    for cmd in (["git", "add", "-A"], ["git", *ident, "commit", "-qm", "pipeline run"]):
+        result = _run(cmd, project)
+        assert result.returncode == 0, result.stderr
+    clone = tmp_path / "clone"
+    assert _run(["git", "clone", "-q", str(project), str(clone)], tmp_path).returncode == 0
+    tracked_outputs = ["data/processed/digits/train.npz", "models/digits/pca", "reports/index.html"]
+    assert not any((clone / p).exists() for p in tracked_outputs)  # git alone does not carry them
+    pull = _run([sys.executable, "-m", "dvc", "pull"], clone)
+    assert pull.returncode == 0, pull.stdout[-2000:] + pull.stderr[-2000:]
+    for rel in tracked_outputs:
+        original = (
+            sorted(p for p in (project / rel).rglob("*") if p.is_file())
+            if (project / rel).is_dir()
+            else [project / rel]
+        )
+        assert original, rel
+        for path in original:
+            copy = clone / path.relative_to(project)
+            assert copy.read_bytes() == path.read_bytes(), copy
+    status = _run([sys.executable, "-m", "dvc", "status"], clone)
+    assert "up to date" in status.stdout, status.stdout[-2000:]
+
+
+def test_repository_has_a_default_remote_outside_the_repository():
+    import configparser
+
+    repo = Path(__file__).resolve().parents[2]
+    config = configparser.ConfigParser()
+    config.read(repo / ".dvc" / "config")
+    name = config["core"]["remote"]
+    url = config[f"'remote \"{name}\"'"]["url"]
+    location = (repo / ".dvc" / url).resolve()
+    assert not location.is_relative_to(repo), location
+
+
+def test_trained_networks_are_registered_and_load_back_by_name(project: Path, monkeypatch):
+    import numpy as np
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from latentlab.tracking import load_registered, registered_name, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    client = MlflowClient(tracking_uri=tracking_uri(project))
+    name = registered_name("digits", "deep")
+    version = client.get_model_version_by_alias(name, "k2")
+    assert version.tags["latent_size"] == "2"
+    assert any(key.startswith("metric.k2.") for key in version.tags)
+    model = load_registered(project, "digits", "deep", "k2")
+    x = torch.from_numpy(np.random.default_rng(0).random((5, 1, 12, 12), dtype=np.float32))
+    with torch.no_grad():
+        assert model.encode(x).shape == (5, 2)
+    # PCA is not a network: nothing to register.
+    assert not client.search_registered_models(f"name = '{registered_name('digits', 'pca')}'")
+
+
+def test_mlflow_ui_shows_a_training_runs_loss_chart_in_a_browser(project: Path, tmp_path: Path):
+    """Headless Chromium: the UI lists the experiment, opens the deep model's training run, shows its loss chart."""
+    import shutil
+    import socket
+    import time
+    import urllib.request
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no Chromium on this machine (Debian package chromium; scripts/setup.sh installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (a dev dependency) is not installed")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{project / 'mlruns' / 'mlflow.db'}",
+            "--default-artifact-root", str(project / "mlruns" / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("latentlab").experiment_id
+    deep_run = client.search_runs(
+        [experiment_id],
+        "tags.`latentlab.stage` = 'train' and tags.`latentlab.model` = 'deep' and tags.`latentlab.dataset` = 'digits'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )[0]
+    run_id = deep_run.info.run_id
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the MLflow server did not start"
+                time.sleep(1)
+        with sync_api.sync_playwright() as p:
+            chromium = p.chromium.launch(executable_path=browser, headless=True, args=["--no-sandbox", "--disable-gpu"])
+            page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(url, wait_until="load")
+            page.get_by_role("link", name="Experiments", exact=True).click()
+            page.get_by_role("link", name="latentlab", exact=True).first.click()
+            page.get_by_text("Model training", exact=True).first.click()
+            # The experiment's run list shows the training runs; open the deep model's one.
+            page.get_by_role("link", name="train:digits").first.wait_for(state="visible")
+            assert f"/experiments/{experiment_id}/" in page.url
+            page.goto(f"{url}/#/experiments/{experiment_id}/runs/{run_id}", wait_until="load")
+            page.get_by_text("train:digits", exact=True).first.wait_for(state="visible")
+            # Its "Model metrics" tab (the tab's own address: a click can race the page's overlays).
+            page.get_by_role("tab", name="Model metrics").wait_for(state="visible")
+            page.goto(f"{url}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics", wait_until="load")
+            screenshot = tmp_path / "mlflow_loss_chart.png"
+            chart_title = page.get_by_text("k2.step.loss", exact=True).first
+            try:
+                chart_title.wait_for(state="visible")
+            finally:
+                page.screenshot(path=str(screenshot), full_page=True)
+            assert "/runs/" in page.url and page.url.endswith("/model-metrics")
+            chromium.close()
+        assert screenshot.stat().st_size > 10_000
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
