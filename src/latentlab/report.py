@@ -133,9 +133,10 @@ Mean AUROC <b>{{ "%.3f"|format(d.anomaly.mean_auroc) }}</b>, mean AUPRC <b>{{ "%
 {% endif %}
 {% endif %}
 {% endfor %}
-{% if generative %}<h2 id="generative">Generative models</h2>
+{# Each fragment brings its own heading; the anchors are for the navigation line. #}
+{% if generative %}<div id="generative"></div>
 {{ generative|safe }}{% endif %}
-{% if collapse %}<h2 id="collapse">Model collapse over generations</h2>
+{% if collapse %}<div id="collapse"></div>
 {{ collapse|safe }}{% endif %}
 </body></html>
 """
