@@ -270,7 +270,9 @@ def test_mlflow_ui_shows_a_training_runs_loss_chart_in_a_browser(project: Path, 
     experiment_id = client.get_experiment_by_name("latentlab").experiment_id
     deep_run = client.search_runs(
         [experiment_id],
-        "tags.`latentlab.stage` = 'train' and tags.`latentlab.model` = 'deep' and tags.`latentlab.dataset` = 'digits'",
+        # The run that trained (a rerun that resumed a finished checkpoint logs no steps).
+        "tags.`latentlab.stage` = 'train' and tags.`latentlab.model` = 'deep' and tags.`latentlab.dataset` = 'digits'"
+        " and metrics.`k2.step.loss` >= 0",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )[0]
