@@ -90,6 +90,7 @@ def test_served_deployment_runs_the_pipeline_as_a_dvc_experiment(project: Path, 
         env=env,
         stdout=open(logs / "server.log", "w"),  # noqa: SIM115 - closed with the process
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the teardown stops its workers too
     )
     serving = None
     try:
@@ -99,6 +100,7 @@ def test_served_deployment_runs_the_pipeline_as_a_dvc_experiment(project: Path, 
             env=env,
             stdout=open(logs / "serve.log", "w"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         with temporary_settings(updates={PREFECT_API_URL: api}):
             name = f"latentlab-dvc-experiment/{PIPELINE_DEPLOYMENT}"
@@ -127,13 +129,15 @@ def test_served_deployment_runs_the_pipeline_as_a_dvc_experiment(project: Path, 
         assert [t.name for t in task_runs] == ["dvc-exp-run"]
         assert task_runs[0].state.is_completed() and "gpu" in task_runs[0].tags
     finally:
+        import signal
+
         for proc in (serving, server):
             if proc is not None:
-                proc.terminate()
+                os.killpg(proc.pid, signal.SIGTERM)
                 try:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
+                    os.killpg(proc.pid, signal.SIGKILL)
 
     # The run left a DVC experiment with the pipeline's metrics, listed by `dvc exp show`.
     shown = subprocess.run(

@@ -262,6 +262,7 @@ def test_mlflow_ui_shows_a_training_runs_loss_chart_in_a_browser(project: Path, 
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the teardown stops the server's workers too
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     from mlflow.tracking import MlflowClient
@@ -312,8 +313,10 @@ def test_mlflow_ui_shows_a_training_runs_loss_chart_in_a_browser(project: Path, 
             chromium.close()
         assert screenshot.stat().st_size > 10_000
     finally:
-        server.terminate()
+        import signal
+
+        os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
