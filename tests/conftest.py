@@ -107,3 +107,43 @@ def write_project(root: Path, params: dict[str, Any]) -> Path:
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
+
+
+BAR_CLASSES = ("row", "column", "diagonal")
+
+
+def bar_images(n: int, label: int, rng: np.random.Generator, size: int = 8) -> np.ndarray:
+    """(n, 1, size, size) uint8: faint noise plus a bright class-specific bar (a row, a column, the diagonal)."""
+    x = rng.integers(0, 40, size=(n, 1, size, size))
+    bright = rng.integers(200, 256, size=(n, size))
+    idx = np.arange(size)
+    if label == 0:
+        x[:, 0, 2, :] = bright  # a row
+    elif label == 1:
+        x[:, 0, :, 5] = bright  # a column
+    else:
+        x[:, 0, idx, idx] = bright  # the diagonal
+    return x.astype(np.uint8)
+
+
+def write_bar_dataset(folder: Path, name: str, per_class: dict[str, int], size: int = 8) -> None:
+    """A processed three-class dataset of :func:`bar_images` (seed 0), classes interleaved in every split."""
+    from latentlab.data.store import Manifest, SplitArrays, save_manifest, save_split
+
+    rng = np.random.default_rng(0)
+    for split, n in per_class.items():
+        x = np.concatenate([bar_images(n, c, rng, size) for c in range(3)])
+        y = np.repeat(np.arange(3), n).astype(np.int64)
+        order = rng.permutation(len(y))  # no split sorted by label
+        save_split(folder, split, SplitArrays(x=x[order], y=y[order], ids=np.arange(len(y))[order]))
+    save_manifest(
+        folder,
+        Manifest(
+            name=name,
+            modality="image",
+            shape=(1, size, size),
+            class_names=BAR_CLASSES,
+            counts={s: 3 * n for s, n in per_class.items()},
+            source={"kind": "synthetic"},
+        ),
+    )

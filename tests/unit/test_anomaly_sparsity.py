@@ -19,9 +19,10 @@ import yaml
 
 from latentlab.anomaly import run_anomaly
 from latentlab.config import Params, parse_params
-from latentlab.data.store import Manifest, SplitArrays, load_split, save_manifest, save_split, to_unit_float
+from latentlab.data.store import load_split, to_unit_float
 from latentlab.paths import ProjectPaths
 from latentlab.sparsity import lifetime_sparsity, run_sparsity, setting_key
+from tests.conftest import write_bar_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 DATASET = "tiny"
@@ -37,41 +38,9 @@ def _one_thread() -> Any:
     torch.set_num_threads(before)
 
 
-def _bar_images(n: int, label: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 1, 8, 8) uint8: faint noise plus a bright class-specific bar."""
-    x = rng.integers(0, 40, size=(n, 1, SIZE, SIZE))
-    bright = rng.integers(200, 256, size=(n, SIZE))
-    idx = np.arange(SIZE)
-    if label == 0:
-        x[:, 0, 2, :] = bright  # a row
-    elif label == 1:
-        x[:, 0, :, 5] = bright  # a column
-    else:
-        x[:, 0, idx, idx] = bright  # the diagonal
-    return x.astype(np.uint8)
-
-
 def _write_dataset(root: Path) -> ProjectPaths:
     paths = ProjectPaths(root)
-    folder = paths.processed(DATASET)
-    rng = np.random.default_rng(0)
-    for split, n in PER_CLASS.items():
-        x = np.concatenate([_bar_images(n, c, rng) for c in range(3)])
-        y = np.repeat(np.arange(3), n).astype(np.int64)
-        # Interleave the classes so no split is sorted by label.
-        order = rng.permutation(len(y))
-        save_split(folder, split, SplitArrays(x=x[order], y=y[order], ids=np.arange(len(y))[order]))
-    save_manifest(
-        folder,
-        Manifest(
-            name=DATASET,
-            modality="image",
-            shape=(1, SIZE, SIZE),
-            class_names=("row", "column", "diagonal"),
-            counts={s: 3 * n for s, n in PER_CLASS.items()},
-            source={"kind": "synthetic"},
-        ),
-    )
+    write_bar_dataset(paths.processed(DATASET), DATASET, PER_CLASS, SIZE)
     return paths
 
 

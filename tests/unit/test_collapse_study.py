@@ -27,10 +27,10 @@ from latentlab.collapse import (
     summarise,
 )
 from latentlab.config import GanSpec, Params, VaeSpec, parse_params
-from latentlab.data.store import Manifest, SplitArrays, save_manifest, save_split
 from latentlab.models.vae import binarise
 from latentlab.paths import ProjectPaths
 from latentlab.quality import DomainClassifier, save_classifier
+from tests.conftest import write_bar_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 DATASET = "tiny"
@@ -47,41 +47,11 @@ def _one_thread() -> Any:
     torch.set_num_threads(before)
 
 
-def _bars(n: int, label: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 1, 8, 8) uint8: faint noise plus a bright class-specific bar (a row, a column, the diagonal)."""
-    x = rng.integers(0, 40, size=(n, 1, SIZE, SIZE))
-    bright = rng.integers(200, 256, size=(n, SIZE))
-    idx = np.arange(SIZE)
-    if label == 0:
-        x[:, 0, 2, :] = bright
-    elif label == 1:
-        x[:, 0, :, 5] = bright
-    else:
-        x[:, 0, idx, idx] = bright
-    return x.astype(np.uint8)
-
-
 def _write_project(root: Path) -> ProjectPaths:
     """The processed tiny dataset and its domain classifier."""
     paths = ProjectPaths(root)
     folder = paths.processed(DATASET)
-    rng = np.random.default_rng(0)
-    for split, n in PER_CLASS.items():
-        x = np.concatenate([_bars(n, c, rng) for c in range(3)])
-        y = np.repeat(np.arange(3), n).astype(np.int64)
-        order = rng.permutation(len(y))
-        save_split(folder, split, SplitArrays(x=x[order], y=y[order], ids=np.arange(len(y))[order]))
-    save_manifest(
-        folder,
-        Manifest(
-            name=DATASET,
-            modality="image",
-            shape=(1, SIZE, SIZE),
-            class_names=("row", "column", "diagonal"),
-            counts={s: 3 * n for s, n in PER_CLASS.items()},
-            source={"kind": "synthetic"},
-        ),
-    )
+    write_bar_dataset(folder, DATASET, PER_CLASS, SIZE)
     torch.manual_seed(0)
     classifier = DomainClassifier(1, 3, (SIZE, SIZE), feature_dim=6, channels=(4, 8)).eval()
     save_classifier(classifier, paths.classifier(DATASET) / "classifier.pt", {"dataset": DATASET})

@@ -18,7 +18,6 @@ import torch
 
 from latentlab import quality
 from latentlab.config import Params, parse_params
-from latentlab.data.store import Manifest, SplitArrays, save_manifest, save_split
 from latentlab.generative import (
     KINDS,
     draw_samples,
@@ -31,12 +30,12 @@ from latentlab.generative import (
 from latentlab.models.gan import GanPair
 from latentlab.models.vae import VariationalAutoencoder
 from latentlab.paths import ProjectPaths
-from tests.conftest import tiny_params
+from tests.conftest import BAR_CLASSES, tiny_params, write_bar_dataset
 
 DATASET = "bars"
 SIZE = 8
 PER_CLASS = {"train": 60, "val": 10, "test": 20}
-CLASS_NAMES = ("row", "column", "diagonal")
+CLASS_NAMES = BAR_CLASSES
 VAE_EPOCHS, GAN_EPOCHS, CLASSIFIER_EPOCHS = 3, 2, 2
 
 
@@ -67,33 +66,9 @@ class RecordingRun:
         self.tags.update(tags)
 
 
-def _bar_images(n: int, label: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 1, 8, 8) uint8: faint noise plus a bright class-specific bar (as in test_anomaly_sparsity)."""
-    x = rng.integers(0, 40, size=(n, 1, SIZE, SIZE))
-    bright = rng.integers(200, 256, size=(n, SIZE))
-    idx = np.arange(SIZE)
-    if label == 0:
-        x[:, 0, 2, :] = bright
-    elif label == 1:
-        x[:, 0, :, 5] = bright
-    else:
-        x[:, 0, idx, idx] = bright
-    return x.astype(np.uint8)
-
-
 def _write_dataset(root: Path) -> ProjectPaths:
     paths = ProjectPaths(root)
-    folder = paths.processed(DATASET)
-    rng = np.random.default_rng(0)
-    for split, n in PER_CLASS.items():
-        x = np.concatenate([_bar_images(n, c, rng) for c in range(3)])
-        y = np.repeat(np.arange(3), n).astype(np.int64)
-        order = rng.permutation(len(y))
-        save_split(folder, split, SplitArrays(x=x[order], y=y[order], ids=np.arange(len(y))[order]))
-    save_manifest(
-        folder,
-        Manifest(DATASET, "image", (1, SIZE, SIZE), CLASS_NAMES, {s: 3 * n for s, n in PER_CLASS.items()}, {}),
-    )
+    write_bar_dataset(paths.processed(DATASET), DATASET, PER_CLASS, SIZE)
     return paths
 
 
