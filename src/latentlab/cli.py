@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -198,6 +199,36 @@ def flow(root: Root = Path(".")) -> None:
     from latentlab.orchestration import pipeline_flow
 
     _run(lambda: pipeline_flow(str(root)))
+
+
+class Runner(StrEnum):
+    dask = "dask"
+    serial = "serial"
+
+
+@app.command()
+def sweep(
+    root: Root = Path("."),
+    runner: Annotated[
+        Runner | None, typer.Option(help="Task runner; default: sweep.runner in params.yaml.", case_sensitive=False)
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Scheduler of a running Dask cluster (tcp://host:8786); implies --runner dask. "
+            "Default: $LATENTLAB_DASK_ADDRESS, then sweep.dask.address; none = a local cluster."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Worker processes of a local Dask cluster; default: sweep.dask.n_workers.")
+    ] = None,
+) -> None:
+    """Run the sweep of params.yaml (sweep section) as a Prefect flow, one task run per grid point."""
+    from latentlab.orchestration import run_sweep
+
+    typer.echo(
+        _run(lambda: run_sweep(str(root), runner=runner.value if runner else None, address=address, workers=workers))
+    )
 
 
 @app.command()

@@ -9,6 +9,7 @@ naming the dotted key, e.g.::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -484,6 +485,72 @@ class ScheduleConfig(Section):
     gpu_concurrency: Annotated[int, Field(ge=1)] = 1  # training task runs sharing one GPU at once
 
 
+# --------------------------------------------------------------------- sweep
+#: Grid axes that set a family's own hyperparameter, and the family each applies to.
+FAMILY_AXES: dict[str, str] = {"rho": "sparse", "beta": "sparse", "lam": "contractive"}
+#: The noise value of a point trained on clean inputs (a plain autoencoder).
+NO_NOISE = "none"
+
+
+def _no_repeats(values: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+    if values is not None and (not values or len(set(values)) != len(values)):
+        raise ValueError("must be a non-empty list without repeats")
+    return values
+
+
+class SweepGrid(Section):
+    """Axis -> values; every combination is one point. An axis left out takes the model's own value."""
+
+    latent_size: tuple[Annotated[int, Field(ge=1)], ...] | None = None  # code sizes k; None = the model's latent_sizes
+    # Corruption of the inputs, a name the corrupt stage wrote (e.g. gaussian_sigma0.3), or "none" for clean
+    # inputs; None = the model's own denoise_from (or none).
+    noise: tuple[Annotated[str, Field(min_length=1)], ...] | None = None
+    seed: tuple[Annotated[int, Field(ge=0)], ...] | None = None  # init and batch-order seeds; None = train.seed
+    rho: tuple[Annotated[float, Field(gt=0.0, lt=1.0)], ...] | None = None  # sparse: target mean activation
+    beta: tuple[Annotated[float, Field(ge=0.0)], ...] | None = None  # sparse: weight of the KL penalty
+    lam: tuple[Annotated[float, Field(ge=0.0)], ...] | None = None  # contractive: weight of the Jacobian penalty
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepGrid:
+        for axis in type(self).model_fields:
+            try:
+                _no_repeats(getattr(self, axis))
+            except ValueError as exc:
+                raise ValueError(f"sweep.grid.{axis}: {exc}") from None
+        return self
+
+    def axes(self) -> dict[str, tuple[Any, ...]]:
+        """The axes given in params.yaml, in declaration order."""
+        return {axis: getattr(self, axis) for axis in type(self).model_fields if getattr(self, axis) is not None}
+
+
+class DaskConfig(Section):
+    """Where the Dask task runner sends task runs (prefect-dask)."""
+
+    # Scheduler of a running Dask cluster, e.g. tcp://10.0.0.5:8786; None = start a local cluster.
+    # The environment variable LATENTLAB_DASK_ADDRESS overrides it.
+    address: Annotated[str, Field(min_length=1, pattern=r"^\S+$")] | None = None
+    n_workers: Annotated[int, Field(ge=1, le=256)] = 2  # local cluster: worker processes, one thread each
+
+
+class SweepConfig(Section):
+    """A hyperparameter sweep run as Prefect task runs, one per grid point (src/latentlab/sweep.py).
+
+    Not a DVC stage: the Prefect flow ``sweep`` reads the processed (and
+    corrupted) data the pipeline wrote.
+    """
+
+    dataset: str | None = None  # dataset every point trains on (in pipeline.datasets); None = the first of them
+    model: str = "deep"  # key of train.zoo: the family and options each point starts from (not PCA)
+    grid: SweepGrid = SweepGrid()
+    training: TrainingConfig | None = None  # the engine's settings for every point; None = the model's own
+    max_test_samples: Annotated[int, Field(ge=1)] | None = 2000  # test images each point is scored on; None = all
+    # dask = Prefect's DaskTaskRunner (a local cluster, or the cluster at dask.address);
+    # serial = one task run at a time in the flow's process. The collapse flow's (loop, seed) pairs use it too.
+    runner: Literal["dask", "serial"] = "dask"
+    dask: DaskConfig = DaskConfig()
+
+
 # --------------------------------------------------------------------- report
 class ReportConfig(Section):
     title: str = "latentlab report"
@@ -506,6 +573,7 @@ class Params(Section):
     generate: GenerateConfig = GenerateConfig()
     collapse: CollapseConfig = CollapseConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    sweep: SweepConfig = SweepConfig()
     report: ReportConfig = ReportConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -523,7 +591,31 @@ class Params(Section):
                     raise ValueError(f"dataset {name!r} is listed in {section}.datasets but not in pipeline.datasets")
         if self.collapse.datasets and self.collapse.model not in self.generate.zoo:
             raise ValueError(f"collapse.model {self.collapse.model!r} is not defined under generate.zoo")
+        self._check_sweep()
         return self
+
+    def _check_sweep(self) -> None:
+        # Messages start with the key they are about: _first_error shows them as "params.yaml: KEY: ...".
+        sweep = self.sweep
+        if sweep.dataset is not None and sweep.dataset not in self.pipeline.datasets:
+            raise ValueError(f"sweep.dataset: {sweep.dataset!r} is not in pipeline.datasets")
+        if sweep.model not in self.train.zoo:
+            raise ValueError(
+                f"sweep.model: no model {sweep.model!r} under train.zoo (defined: {', '.join(sorted(self.train.zoo))})"
+            )
+        family = self.train.zoo[sweep.model].family
+        if family == "pca":
+            raise ValueError(f"sweep.model: {sweep.model!r} is PCA, fitted in closed form; the sweep trains networks")
+        for axis in sweep.grid.axes():
+            if axis in FAMILY_AXES and FAMILY_AXES[axis] != family:
+                raise ValueError(
+                    f"sweep.grid.{axis}: applies to the {FAMILY_AXES[axis]} family only, "
+                    f"but sweep.model {sweep.model!r} is {family}"
+                )
+
+    def sweep_dataset(self) -> str:
+        """The dataset of the sweep: ``sweep.dataset``, else the first of ``pipeline.datasets``."""
+        return self.sweep.dataset or self.pipeline.datasets[0]
 
     def dataset(self, name: str) -> DatasetSource:
         try:
@@ -576,6 +668,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(raw, str(path))
 
 
+_NAMED_KEY = re.compile(r"^([a-z_]+(?:\.[A-Za-z0-9_]+)+): ")
+
+
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     # pydantic puts the discriminator tag into the location
@@ -589,6 +684,10 @@ def _first_error(exc: ValidationError) -> str:
         loc.append(str(part))
     key = ".".join(loc) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
+    # A check across sections (a model validator) may name the key itself, "sweep.grid.rho: ...".
+    named = _NAMED_KEY.match(msg)
+    if named and (not loc or named.group(1).startswith(f"{key}.")):
+        key, msg = named.group(1), msg[named.end() :]
     if err["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     if err["type"] == "missing":

@@ -12,6 +12,20 @@ with bit-identical weights and metrics to an uninterrupted run.
 
 The engine knows nothing of MLflow or files other than its checkpoint: it
 reports through the ``on_epoch`` callback.
+
+Several processes (torchrun, :mod:`latentlab.distributed`): the same loop,
+with the model wrapped in DistributedDataParallel. Every rank draws the same
+global batch order and trains on its chunk of each global batch, weighted so
+that the averaged gradient is the one-process batch gradient; the per-step
+losses are summed over the ranks once per epoch, and rank 0 alone writes the
+checkpoint and calls ``on_epoch``. The result (weights, history, checkpoint)
+is that of one process up to floating-point summation order for every model
+whose loss is a mean of per-sample terms (linear, deep, conv, contractive).
+Not quite for three kinds of model: a loss with a batch statistic inside a
+non-linearity (the sparse penalty's mean activation rho_hat) is computed per
+chunk; BatchNorm normalises per chunk on CPU (torch's SyncBatchNorm, used on
+GPUs, needs CUDA); and a model that draws noise in its forward (VAE) draws it
+per chunk, the same in distribution but not sample by sample.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ from torch import Tensor
 
 from latentlab.atomic import atomic_path
 from latentlab.config import TrainingConfig
+from latentlab.distributed import DistributedContext, data_parallel
 from latentlab.models.base import Autoencoder
 
 log = logging.getLogger(__name__)
@@ -168,6 +183,7 @@ def fit(
     on_epoch: Callable[[EpochReport, Autoencoder], None] | None = None,
     progress: bool = True,
     timing: bool = False,
+    dist: DistributedContext | None = None,
 ) -> FitResult:
     """Train ``model`` with Adam(W), early stopping on validation loss and resumable checkpoints.
 
@@ -179,8 +195,14 @@ def fit(
     (``FitResult.compute_seconds``). On CPU that is free; on CUDA it needs a
     synchronisation around every step, which stalls the launch queue, so it is
     off unless asked for and ``compute_seconds`` is then NaN.
+
+    ``dist`` is this process's place among several started by torchrun (None:
+    one process). Every rank must call ``fit`` with the same arguments (other
+    than ``device``, ``on_epoch`` and ``progress``); rank 0 writes the
+    checkpoint and calls ``on_epoch``, and every rank returns the same result.
     """
     start_wall = time.perf_counter()
+    dist = dist or DistributedContext.single()
     model.to(device)
     cuda = device.type == "cuda"
     if cuda:
@@ -188,7 +210,12 @@ def fit(
         torch.backends.cudnn.benchmark = True
     # The fused kernel updates every parameter in one launch instead of several per tensor;
     # capturable keeps the step count on the device, which a CUDA graph needs.
-    graphed = cuda and cfg.cuda_graph
+    # Not under DDP: its gradient all-reduce runs from autograd hooks into buckets that
+    # are rebuilt after the first step, and every rank's chunk may differ in size from
+    # the captured one, so a captured step would not replay what DDP needs.
+    graphed = cuda and cfg.cuda_graph and not dist.distributed
+    if cuda and cfg.cuda_graph and dist.distributed:
+        log.info("cuda_graph is off under DistributedDataParallel; steps run eagerly")
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.lr,
@@ -216,6 +243,10 @@ def fit(
             log.info("resuming from %s at epoch %d", checkpoint, epoch)
         else:
             log.info("ignoring %s: made by another model, config or data", checkpoint)
+    # Every rank read the checkpoint itself (so all must see the same file: one machine, or a
+    # shared filesystem). Ranks resuming from different epochs would run different numbers of
+    # steps and hang in an all-reduce; stop with an error instead.
+    dist.check_same(resumed_from, f"the epoch resumed from {checkpoint}")
 
     inputs, targets = _to_device(train.inputs, device), _to_device(train.targets, device)
     n = len(train)
@@ -226,81 +257,100 @@ def fit(
     timed = timing or not cuda
     sync = torch.cuda.synchronize if (cuda and timing) else (lambda: None)
     stopped_early = bad_epochs >= cfg.patience
-    step_fn = _eager_step(model, optimizer, inputs, targets, device, cfg.amp)
-    if graphed and n >= cfg.batch_size and epoch < max_epochs and not stopped_early:
-        step_fn = _graphed_step(model, optimizer, inputs, targets, device, cfg, step_fn)
+    # One progress bar on the terminal, not one per rank.
+    progress = progress and dist.is_main
+    with data_parallel(model, dist, device) as trained:
+        # ``trained`` is the DDP wrapper under torchrun, else ``model`` itself; evaluation,
+        # checkpoints and on_epoch use ``model`` (the same weights, without the wrapper).
+        step_fn = _eager_step(trained, optimizer, inputs, targets, device, cfg.amp, dist)
+        if graphed and n >= cfg.batch_size and epoch < max_epochs and not stopped_early:
+            step_fn = _graphed_step(model, optimizer, inputs, targets, device, cfg, step_fn)
 
-    while epoch < max_epochs and not stopped_early:
-        epoch_start = time.perf_counter()
-        model.train()
-        # The batch order of epoch e depends only on (seed, e): resuming replays it exactly.
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).to(device)
-        bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{max_epochs}", progress)
-        # Per-step values stay on the device, (steps, 1 + parts); one transfer per epoch,
-        # so the host never waits on the GPU inside the loop.
-        step_values: list[Tensor] = []
-        for first in range(0, n, cfg.batch_size):
-            index = order[first : first + cfg.batch_size]
-            sync()
-            t0 = time.perf_counter()
-            step_values.append(step_fn(index))
-            sync()
-            compute_seconds += time.perf_counter() - t0
-            step += 1
-            steps_here += 1
+        while epoch < max_epochs and not stopped_early:
+            epoch_start = time.perf_counter()
+            model.train()
+            # The batch order of epoch e depends only on (seed, e): resuming replays it exactly,
+            # and every rank of a distributed run draws the same global batches.
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).to(device)
+            bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{max_epochs}", progress)
+            # Per-step values stay on the device, (steps, 1 + parts); one transfer per epoch,
+            # so the host never waits on the GPU inside the loop.
+            step_values: list[Tensor] = []
+            for first in range(0, n, cfg.batch_size):
+                index = order[first : first + cfg.batch_size]  # the global batch, (B,)
+                sync()
+                t0 = time.perf_counter()
+                step_values.append(step_fn(index))
+                sync()
+                compute_seconds += time.perf_counter() - t0
+                step += 1
+                steps_here += 1
+                if bar is not None:
+                    bar.update(1)
             if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        names = ["loss", *step_fn.part_names]
-        columns = torch.stack(step_values).T.tolist()
-        steps: dict[str, list[float]] = dict(zip(names, columns, strict=True))
-        epoch += 1
-        val_parts = evaluate_loss(model, val, device, cfg.amp)
-        improved = val_parts["loss"] < best_val - cfg.min_delta
-        if improved:
-            best_val, best_epoch, bad_epochs = val_parts["loss"], epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-        stopped_early = bad_epochs >= cfg.patience
-        train_means = {name: float(np.mean(values)) for name, values in steps.items()}
-        seconds = time.perf_counter() - epoch_start
-        history.append(
-            {
-                "epoch": epoch,
-                "step": step,
-                "seconds": seconds,
-                **{f"train_{k}": v for k, v in train_means.items()},
-                **{f"val_{k}": v for k, v in val_parts.items()},
-            }
-        )
-        log.info(
-            "epoch %d: train loss %.5f, val loss %.5f%s",
-            epoch,
-            train_means["loss"],
-            val_parts["loss"],
-            " *" if improved else "",
-        )
-        if on_epoch is not None:
-            on_epoch(EpochReport(epoch, step, train_means, val_parts, steps, improved, seconds), model)
-        if checkpoint is not None and (epoch % cfg.checkpoint_every == 0 or epoch == max_epochs or stopped_early):
-            _save_checkpoint(
-                checkpoint,
+                bar.close()
+            names = ["loss", *step_fn.part_names]
+            # Under DDP each rank's values are its chunk's means times its share n_r / B of the
+            # global batch, so their sum over ranks is the global batch mean: one all-reduce
+            # per epoch gives every rank the one-process per-step values.
+            columns = dist.all_reduce_sum(torch.stack(step_values)).T.tolist()
+            steps: dict[str, list[float]] = dict(zip(names, columns, strict=True))
+            epoch += 1
+            # Every rank evaluates the whole validation set with the same weights; rank 0's
+            # numbers are then sent to all, so early stopping decides alike on every rank even
+            # where they could differ in the last bits (cuDNN picks kernels per process) or
+            # more (per-rank BatchNorm running statistics on CPU). Ranks that disagreed
+            # would stop at different epochs and hang in the next all-reduce.
+            val_parts = dist.broadcast_from_main(evaluate_loss(model, val, device, cfg.amp))
+            improved = val_parts["loss"] < best_val - cfg.min_delta
+            if improved:
+                best_val, best_epoch, bad_epochs = val_parts["loss"], epoch, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad_epochs += 1
+            stopped_early = bad_epochs >= cfg.patience
+            train_means = {name: float(np.mean(values)) for name, values in steps.items()}
+            seconds = time.perf_counter() - epoch_start
+            history.append(
                 {
-                    "fingerprint": fingerprint,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
                     "epoch": epoch,
                     "step": step,
-                    "best_val": best_val,
-                    "best_epoch": best_epoch,
-                    "bad_epochs": bad_epochs,
-                    "best_model": best_state,
-                    "history": history,
-                    "torch_rng": torch.get_rng_state(),
-                },
+                    "seconds": seconds,
+                    **{f"train_{k}": v for k, v in train_means.items()},
+                    **{f"val_{k}": v for k, v in val_parts.items()},
+                }
             )
+            if dist.is_main:
+                log.info(
+                    "epoch %d: train loss %.5f, val loss %.5f%s",
+                    epoch,
+                    train_means["loss"],
+                    val_parts["loss"],
+                    " *" if improved else "",
+                )
+            if on_epoch is not None and dist.is_main:
+                on_epoch(EpochReport(epoch, step, train_means, val_parts, steps, improved, seconds), model)
+            if checkpoint is not None and (epoch % cfg.checkpoint_every == 0 or epoch == max_epochs or stopped_early):
+                if dist.is_main:
+                    _save_checkpoint(
+                        checkpoint,
+                        {
+                            "fingerprint": fingerprint,
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "epoch": epoch,
+                            "step": step,
+                            "best_val": best_val,
+                            "best_epoch": best_epoch,
+                            "bad_epochs": bad_epochs,
+                            "best_model": best_state,
+                            "history": history,
+                            "torch_rng": torch.get_rng_state(),
+                        },
+                    )
+                # No rank runs ahead of the file rank 0 is writing (e.g. into a next fit that
+                # reads its checkpoint, or out of the process while the file is half-renamed).
+                dist.barrier()
 
     model.load_state_dict(best_state)
     model.eval()
@@ -328,29 +378,47 @@ class _Step:
 
 
 class _eager_step(_Step):  # noqa: N801 - used like a function
+    """One step on the global batch ``index`` (B,); under DDP on this rank's chunk of it.
+
+    ``model`` is the DistributedDataParallel wrapper when ``dist`` has several
+    ranks: its backward all-reduces the gradients before the optimiser step.
+    """
+
     def __init__(
         self,
-        model: Autoencoder,
+        model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         inputs: Tensor,
         targets: Tensor | None,
         device: torch.device,
         amp: bool,
+        dist: DistributedContext | None = None,
     ) -> None:
         self.model, self.optimizer, self.inputs, self.targets = model, optimizer, inputs, targets
         self.device, self.amp = device, amp
+        self.dist = dist or DistributedContext.single()
         self.part_names = []
 
     def __call__(self, index: Tensor) -> Tensor:
+        weight = None
+        if self.dist.distributed:
+            # This rank's contiguous chunk (n_r,) of the global batch and its weight
+            # w_r = n_r * W / B: DDP averages the W ranks' gradients, so the gradient
+            # of w_r * (chunk mean) averages to that of the one-process batch mean
+            # (the derivation is in latentlab.distributed.shard).
+            index, weight = self.dist.shard(index)
         x = self.inputs[index]
         t = None if self.targets is None else self.targets[index]
         with _autocast(self.device, self.amp):
             out = self.model(x, t)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        (out.loss if weight is None else out.loss * weight).backward()
         self.optimizer.step()
         self.part_names = list(out.parts)
-        return torch.stack([out.loss.detach().float(), *(v.float() for v in out.parts.values())])
+        values = torch.stack([out.loss.detach().float(), *(v.float() for v in out.parts.values())])
+        # Under DDP: the chunk means times the chunk's share n_r / B = w_r / W of the batch,
+        # which the epoch's all-reduce (SUM) turns into the global batch means.
+        return values if weight is None else values * (weight / self.dist.world_size)
 
 
 class _graphed_step(_Step):  # noqa: N801 - used like a function

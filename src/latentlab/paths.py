@@ -103,6 +103,33 @@ class ProjectPaths:
         """Figures and summary of a study on ``dataset``."""
         return self.root / "reports" / study / dataset
 
+    def sweep_state(self, dataset: str, model: str) -> Path:
+        """Per-point state of the sweep of ``model`` on ``dataset``: one folder per point id, holding
+        the resumable ``checkpoint.pt``, the best weights ``model.pt`` and the finished ``result.json``.
+
+        Under checkpoints/ (not versioned): the sweep is a Prefect flow, not a DVC stage.
+        """
+        return self.root / "checkpoints" / dataset / "sweep" / model
+
+    def sweep_point(self, dataset: str, model: str, point_id: str) -> Path:
+        return self.sweep_state(dataset, model) / point_id
+
+    def sweep_report(self, dataset: str, model: str) -> Path:
+        """The sweep's results table (JSON and CSV) and figure.
+
+        Not under metrics/: the report stage depends on that whole folder, so a
+        sweep writing there would make DVC rerun the report.
+        """
+        return self.reports / "sweep" / f"{dataset}-{model}"
+
+    def sweep_metrics(self, dataset: str, model: str) -> Path:
+        """The sweep's results, one row per point (JSON)."""
+        return self.sweep_report(dataset, model) / "results.json"
+
+    def sweep_table(self, dataset: str, model: str) -> Path:
+        """The same rows as CSV."""
+        return self.sweep_report(dataset, model) / "results.csv"
+
     @property
     def reports(self) -> Path:
         return self.root / "reports"

@@ -115,24 +115,40 @@ def _model(params: Params, model: str) -> str:
 
 
 def train(dataset: str, model: str = "pca", root: Path = Path(".")) -> Path:
-    """Train ``model`` (a key of train.zoo) on ``dataset`` into ``models/{dataset}/{model}``."""
+    """Train ``model`` (a key of train.zoo) on ``dataset`` into ``models/{dataset}/{model}``.
+
+    Launched by ``torchrun --nproc_per_node N -m latentlab train ...``, each of
+    the N processes joins one process group and trains its share of every
+    batch (DistributedDataParallel, :mod:`latentlab.distributed`); rank 0
+    alone opens the MLflow run and writes the model. Every rank returns the
+    same path, once rank 0 has finished.
+    """
+    from latentlab.distributed import DistributedContext, process_group
     from latentlab.train import trainer_for
 
     params, paths = _setup(root)
     params.dataset(dataset)
     family = _model(params, model)
-    with stage_run(
-        "train",
-        dataset,
-        root=paths.root,
-        experiment=params.pipeline.experiment,
-        tags={"latentlab.model": model, "latentlab.family": family},
-    ) as run:
-        result = trainer_for(family)(params, dataset, model, paths, run)
-        run.log_params(result.params)
-        run.log_metrics(result.metrics)
-        run.log_artifact(result.model_dir, "model_files")
-        run.register_logged_models(registered_name(dataset, model), result.metrics)
+    trainer = trainer_for(family)
+    dist = DistributedContext.from_env(params.train.device)
+    with process_group(dist):
+        if not dist.is_main:
+            result = trainer(params, dataset, model, paths, None, dist=dist)
+        else:
+            with stage_run(
+                "train",
+                dataset,
+                root=paths.root,
+                experiment=params.pipeline.experiment,
+                tags={"latentlab.model": model, "latentlab.family": family, "latentlab.world_size": dist.world_size},
+            ) as run:
+                result = trainer(params, dataset, model, paths, run, dist=dist)
+                run.log_params(result.params)
+                run.log_metrics(result.metrics)
+                run.log_artifact(result.model_dir, "model_files")
+                run.register_logged_models(registered_name(dataset, model), result.metrics)
+        # No rank reports success before rank 0 has written the model and closed the run.
+        dist.barrier()
     return result.model_dir
 
 

@@ -4,12 +4,17 @@ PCA is fitted in closed form; every neural family goes through the training
 engine (:mod:`latentlab.engine`). Trainers are chosen by family through
 :data:`TRAINERS`; each writes its model folder atomically and returns the
 figures worth logging.
+
+Under torchrun (several processes, :mod:`latentlab.distributed`) every rank
+calls the trainer with its ``dist`` context: every rank trains every network
+(DistributedDataParallel needs all of them in every step), and rank 0 alone
+writes the model folder and logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +24,7 @@ import numpy as np
 from latentlab.atomic import atomic_dir, write_json
 from latentlab.config import ModelSpec, Params, PcaSpec
 from latentlab.data.store import SplitArrays, load_manifest, load_split, to_unit_float
+from latentlab.distributed import DistributedContext, cpu_threads_per_process
 from latentlab.errors import ConfigError
 from latentlab.models.pca import PCA
 from latentlab.paths import ProjectPaths
@@ -53,10 +59,24 @@ def subsample(arrays: SplitArrays, limit: int | None, seed: int) -> SplitArrays:
     return arrays.subset(subsample_index(len(arrays), limit, seed))
 
 
-def train_pca(params: Params, dataset: str, name: str, paths: ProjectPaths, run: RunLog | None) -> TrainResult:
-    """Fit PCA once at the largest latent size; smaller sizes are its prefixes."""
+def train_pca(
+    params: Params,
+    dataset: str,
+    name: str,
+    paths: ProjectPaths,
+    run: RunLog | None,
+    *,
+    dist: DistributedContext | None = None,
+) -> TrainResult:
+    """Fit PCA once at the largest latent size; smaller sizes are its prefixes.
+
+    A closed-form fit has nothing to share between processes: under torchrun
+    rank 0 fits and writes it, the other ranks return the same folder at once.
+    """
     spec = params.train.spec(name)
     assert isinstance(spec, PcaSpec)
+    if dist is not None and not dist.is_main:
+        return TrainResult(paths.model(dataset, name), {})
     train = subsample(load_split(paths.processed(dataset), "train"), spec.training.max_train_samples, params.train.seed)
     x = train.unit_float()
     pca = PCA.fit(x, max(spec.latent_sizes))
@@ -104,20 +124,40 @@ def training_pairs(
     return to_unit_float(noisy[index]), x, clean.y[index]
 
 
-def train_network(params: Params, dataset: str, name: str, paths: ProjectPaths, run: RunLog | None) -> TrainResult:
-    """Train one network per latent size with the engine; keep the best-validation weights."""
+def train_network(
+    params: Params,
+    dataset: str,
+    name: str,
+    paths: ProjectPaths,
+    run: RunLog | None,
+    *,
+    dist: DistributedContext | None = None,
+) -> TrainResult:
+    """Train one network per latent size with the engine; keep the best-validation weights.
+
+    ``dist``: this process's rank under torchrun (None: one process). Every rank
+    runs every fit; only rank 0 writes the model folder (``run`` is None on the
+    others). Every rank returns the same metrics.
+    """
     import torch
 
     from latentlab import engine
     from latentlab.models.base import build_model
     from latentlab.plots import save_tiles
 
+    dist = dist or DistributedContext.single()
     spec = params.train.spec(name)
     cfg = spec.training
     seed = params.train.seed
-    if params.train.threads:
-        torch.set_num_threads(params.train.threads)
-    device = engine.pick_device(params.train.device)
+    if dist.distributed:
+        # Each rank drives its own GPU (NCCL) or, on CPU (gloo), gets its share of the cores.
+        device = dist.device
+        threads = params.train.threads or (cpu_threads_per_process() if device.type == "cpu" else None)
+    else:
+        device = engine.pick_device(params.train.device)
+        threads = params.train.threads
+    if threads:
+        torch.set_num_threads(threads)
     x_in, x_target, _ = training_pairs(paths, dataset, spec, "train", cfg.max_train_samples, seed)
     v_in, v_target, _ = training_pairs(paths, dataset, spec, "val", None, seed)
     train_data, val_data = engine.TrainingData(x_in, x_target), engine.TrainingData(v_in, v_target)
@@ -126,7 +166,9 @@ def train_network(params: Params, dataset: str, name: str, paths: ProjectPaths, 
     # A few fixed validation images, reconstructed after every epoch.
     show = np.unique(np.linspace(0, len(v_in) - 1, min(8, len(v_in))).round().astype(int))
     metrics: dict[str, float] = {"n_train": float(len(x_in)), "n_val": float(len(v_in))}
-    with atomic_dir(paths.model(dataset, name)) as out, tempfile.TemporaryDirectory() as figures_dir:
+    # Only rank 0 writes the model folder; the other ranks get out = None.
+    writer = atomic_dir(paths.model(dataset, name)) if dist.is_main else contextlib.nullcontext(None)
+    with writer as out, tempfile.TemporaryDirectory() as figures_dir:
         figures = Path(figures_dir)
         for k in sorted(spec.latent_sizes):
             torch.manual_seed(seed)
@@ -155,6 +197,7 @@ def train_network(params: Params, dataset: str, name: str, paths: ProjectPaths, 
                 device=device,
                 checkpoint=paths.checkpoint(dataset, name, k),
                 on_epoch=on_epoch,
+                dist=dist,
             )
             meta = {
                 "family": spec.family,
@@ -163,8 +206,9 @@ def train_network(params: Params, dataset: str, name: str, paths: ProjectPaths, 
                 "options": spec.family_options(),
                 "denoise_from": spec.corruption_for("spectrogram" if spectrogram else "image"),
             }
-            engine.save_model(result.model, out / f"k{k}.pt", meta)
-            write_json(out / f"k{k}_history.json", result.history)
+            if out is not None:
+                engine.save_model(result.model, out / f"k{k}.pt", meta)
+                write_json(out / f"k{k}_history.json", result.history)
             metrics.update(
                 {
                     f"k{k}.best_val_loss": result.best_val_loss,
@@ -175,22 +219,39 @@ def train_network(params: Params, dataset: str, name: str, paths: ProjectPaths, 
             )
             if run is not None:
                 run.log_torch_model(result.model.cpu(), f"model_k{k}")
-        write_json(
-            out / "meta.json",
-            {
-                "family": spec.family,
-                "latent_sizes": sorted(spec.latent_sizes),
-                "spec": spec.model_dump(mode="json"),
-                "device": str(device),
-                **metrics,
-            },
-        )
+        if out is not None:
+            write_json(
+                out / "meta.json",
+                {
+                    "family": spec.family,
+                    "latent_sizes": sorted(spec.latent_sizes),
+                    "spec": spec.model_dump(mode="json"),
+                    "device": str(device),
+                    "world_size": dist.world_size,
+                    **metrics,
+                },
+            )
     return TrainResult(
-        paths.model(dataset, name), metrics, {"spec": spec.model_dump(mode="json"), "seed": seed, "device": str(device)}
+        paths.model(dataset, name),
+        metrics,
+        {"spec": spec.model_dump(mode="json"), "seed": seed, "device": str(device), "world_size": dist.world_size},
     )
 
 
-Trainer = Callable[[Params, str, str, ProjectPaths, "RunLog | None"], TrainResult]
+class Trainer(Protocol):
+    """Trains one model of ``train.zoo``; ``dist`` is the process's rank under torchrun (None: one process)."""
+
+    def __call__(
+        self,
+        params: Params,
+        dataset: str,
+        name: str,
+        paths: ProjectPaths,
+        run: RunLog | None,
+        *,
+        dist: DistributedContext | None = None,
+    ) -> TrainResult: ...
+
 
 #: Model family -> trainer; every family not listed is a network trained by the engine.
 TRAINERS: dict[str, Trainer] = {"pca": train_pca}

@@ -45,8 +45,10 @@ def _git(root: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A committed tiny project (git + DVC); the tests below run DVC experiments in it."""
+    tmp_path = tmp_path_factory.mktemp("deployment")
     x, y = make_digit_images(20, 3, seed=1)
     write_idx(tmp_path / "in" / "train-images-idx3-ubyte", x)
     write_idx(tmp_path / "in" / "train-labels-idx1-ubyte", y.astype("uint8"))
@@ -149,3 +151,35 @@ def test_served_deployment_runs_the_pipeline_as_a_dvc_experiment(project: Path, 
     assert experiments, shown.stdout[:2000]
     data = experiments[0]["revs"][0]["data"]
     assert any("metrics/digits/pca.json" in path for path in data["metrics"])
+
+
+def _experiments(project: Path) -> list[dict]:
+    shown = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=project, capture_output=True, text=True, check=True
+    )
+    return [exp for entry in json.loads(shown.stdout) for exp in (entry.get("experiments") or []) if exp.get("revs")]
+
+
+def test_a_dvc_exp_run_sweep_is_listed_by_exp_show_with_params_and_metrics(project: Path):
+    """The README's sweep: one `dvc exp run -S` per value; `dvc exp show` compares them."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    before = {exp["revs"][0]["rev"] for exp in _experiments(project)}
+    for sizes in ("[2,3]", "[2,5]"):
+        run = subprocess.run(
+            [sys.executable, "-m", "dvc", "exp", "run", "-S", f"train.zoo.pca.latent_sizes={sizes}"],
+            cwd=project, env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    new = [exp["revs"][0] for exp in _experiments(project) if exp["revs"][0]["rev"] not in before]
+    assert len(new) == 2, new
+    by_sizes = {}
+    for rev in new:
+        params = rev["data"]["params"]["params.yaml"]["data"]
+        metrics = rev["data"]["metrics"]["metrics/digits/pca.json"]["data"]
+        by_sizes[tuple(params["train"]["zoo"]["pca"]["latent_sizes"])] = metrics
+    assert set(by_sizes) == {(2, 3), (2, 5)}
+    # Each experiment's metrics are its own: the reconstruction error at its largest latent size.
+    assert set(by_sizes[(2, 3)]["reconstruction"]) == {"2", "3"}
+    assert set(by_sizes[(2, 5)]["reconstruction"]) == {"2", "5"}
+    assert by_sizes[(2, 5)]["reconstruction"]["5"]["mse"] < by_sizes[(2, 3)]["reconstruction"]["3"]["mse"]

@@ -21,3 +21,73 @@ def test_failed_stage_is_marked_failed_with_its_error(tmp_path, monkeypatch):
     history = client.get_metric_history(ok.info.run_id, "loss.step")
     assert [(m.step, m.value) for m in history] == [(0, 3.0), (1, 2.0), (2, 1.0)]
     assert ok.info.artifact_uri.startswith((tmp_path / "mlruns").resolve().as_uri())
+
+
+def test_logging_calls_are_applied_in_order_from_copies_taken_at_call_time(tmp_path, monkeypatch):
+    """The tracking thread applies calls later: artifacts and models must be what they were at call time."""
+    import json
+
+    import torch
+
+    timings = tmp_path / "timings.jsonl"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("LATENTLAB_TIMINGS", str(timings))
+    figure = tmp_path / "grid.txt"
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    (folder / "a.txt").write_text("first")
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    with stage_run("train", "toy", root=tmp_path) as run:
+        figure.write_text("epoch 1")
+        run.log_artifact(figure, "grids")
+        figure.unlink()  # e.g. a temporary folder cleaned up right after logging
+        run.log_artifact(folder, "figures")
+        (folder / "a.txt").write_text("changed")
+        run.log_torch_model(model, "model_k2")
+        with torch.no_grad():
+            model.weight.fill_(5.0)  # training goes on after logging
+        for step in range(3):
+            run.log_metrics({"loss": 3.0 - step}, step=step)
+        run_id = run.run_id
+    client = MlflowClient(tracking_uri=tracking_uri(tmp_path))
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    local = client.download_artifacts(run_id, "", str(tmp_path / "down"))
+    assert (tmp_path / "down" / "grids" / "grid.txt").read_text() == "epoch 1", local
+    assert (tmp_path / "down" / "figures" / "a.txt").read_text() == "first"
+    import mlflow.pytorch
+
+    logged = mlflow.pytorch.load_model(f"runs:/{run_id}/model_k2")
+    assert float(logged.weight.detach().sum()) == 2.0
+    record = json.loads(timings.read_text().splitlines()[-1])
+    assert record["stage"] == "train" and record["status"] == "FINISHED"
+    assert record["left"] >= record["entered"] and record["mlflow_busy_s"] > 0 and record["mlflow_wait_s"] >= 0
+
+
+def test_an_mlflow_error_fails_a_stage_that_succeeded(tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    # The store cannot be created under a file: MLflow fails in the tracking thread.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{blocker}/mlflow.db")
+    worked = []
+    with pytest.raises(OSError), stage_run("ingest", "toy", root=tmp_path) as run:
+        run.log_metrics({"n": 1})
+        worked.append(True)
+    assert worked == [True]  # the stage itself ran
+
+
+def test_runs_of_two_projects_in_one_process_go_to_their_own_stores(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first, second = tmp_path / "first", tmp_path / "second"
+    for root in (first, second):
+        with stage_run("ingest", root.name, root=root) as run:
+            run.log_metrics({"n": 1})
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    for root in (first, second):
+        client = MlflowClient(tracking_uri=tracking_uri(root))
+        runs = client.search_runs([client.get_experiment_by_name("latentlab").experiment_id])
+        assert [r.data.tags["latentlab.dataset"] for r in runs] == [root.name]
