@@ -10,14 +10,14 @@ What is measured, per path (wall-clock seconds; the issue's target is at most
 * ``dvc``: ``dvc repro -f`` runs every stage as a process ``latentlab ...``.
   A wrapper named ``latentlab`` put first on PATH times each process, and
   ``LATENTLAB_TIMINGS`` makes each stage append the span of its MLflow run
-  and the time its main thread waited on MLflow (see latentlab.tracking).
+  and the time it spent in MLflow, import included (see latentlab.tracking).
   Then: DVC = repro wall - union of the stage processes' intervals; launch =
   process wall - stage span (interpreter, imports, params); MLflow = time
-  the stages waited on MLflow; work = the rest.
+  the stages spent in MLflow; work = the rest.
 * ``prefect``: :func:`latentlab.orchestration.pipeline_flow` in this process
   on a fresh ``git clone`` of the repository (nothing resumes). Prefect = flow
   wall - union of its task runs' intervals (read back from the Prefect API);
-  MLflow = time waited on MLflow; work = the rest. The temporary Prefect
+  MLflow = time spent in MLflow; work = the rest. The temporary Prefect
   server's start (a deployment talks to a running server) is timed apart.
 
 Machines differ: run it on a quiet machine (two torch processes on two cores
@@ -100,22 +100,22 @@ def bench_dvc(root: Path, targets: list[str], workdir: Path) -> dict:
     processes, stages = read_jsonl(process_log), read_jsonl(stage_log)
     process_seconds = sum(p["end"] - p["start"] for p in processes)
     stage_span = sum(s["left"] - s["entered"] for s in stages)
-    mlflow_wait = sum(s["mlflow_wait_s"] for s in stages)
+    mlflow = sum(s["mlflow_s"] for s in stages)
     dvc = wall - union_seconds([(p["start"], p["end"]) for p in processes])
     launch = process_seconds - stage_span
-    work = stage_span - mlflow_wait
+    work = stage_span - mlflow
     per_stage = []
     for p in sorted(processes, key=lambda p: p["start"]):
         inside = [s for s in stages if p["start"] <= s["entered"] and s["left"] <= p["end"]]
         span = sum(s["left"] - s["entered"] for s in inside)
-        waited = sum(s["mlflow_wait_s"] for s in inside)
+        in_mlflow = sum(s["mlflow_s"] for s in inside)
         per_stage.append(
             {
                 "command": " ".join(p["argv"]),
                 "process_s": round(p["end"] - p["start"], 3),
                 "launch_s": round(p["end"] - p["start"] - span, 3),
-                "mlflow_wait_s": round(waited, 3),
-                "work_s": round(span - waited, 3),
+                "mlflow_s": round(in_mlflow, 3),
+                "work_s": round(span - in_mlflow, 3),
             }
         )
     return {
@@ -124,7 +124,7 @@ def bench_dvc(root: Path, targets: list[str], workdir: Path) -> dict:
         "stages": len(processes),
         "wall_s": wall,
         "work_s": work,
-        "overhead_s": {"dvc": dvc, "process_launch": launch, "mlflow_wait": mlflow_wait},
+        "overhead_s": {"dvc": dvc, "process_launch": launch, "mlflow": mlflow},
         "overhead_fraction": (wall - work) / wall,
         "per_stage": per_stage,
     }
@@ -169,9 +169,9 @@ def bench_prefect(root: Path, datasets: list[str] | None, workdir: Path) -> dict
             intervals.append((run.start_time.timestamp(), run.end_time.timestamp()))
     stages = read_jsonl(stage_log)
     in_tasks = union_seconds(intervals)
-    mlflow_wait = sum(s["mlflow_wait_s"] for s in stages)
+    mlflow = sum(s["mlflow_s"] for s in stages)
     # Subflow runs appear both as a flow run and as the tasks inside it: the union counts them once.
-    work = in_tasks - mlflow_wait
+    work = in_tasks - mlflow
     return {
         "path": "prefect",
         "datasets": datasets or "params.yaml pipeline.datasets",
@@ -180,7 +180,7 @@ def bench_prefect(root: Path, datasets: list[str] | None, workdir: Path) -> dict
         "temporary_server_start_s": server_start,
         "wall_s": wall,
         "work_s": work,
-        "overhead_s": {"prefect": wall - in_tasks, "mlflow_wait": mlflow_wait},
+        "overhead_s": {"prefect": wall - in_tasks, "mlflow": mlflow},
         "overhead_fraction": (wall - work) / wall,
     }
 

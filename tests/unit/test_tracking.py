@@ -24,7 +24,7 @@ def test_failed_stage_is_marked_failed_with_its_error(tmp_path, monkeypatch):
 
 
 def test_logging_calls_are_applied_in_order_from_copies_taken_at_call_time(tmp_path, monkeypatch):
-    """The tracking thread applies calls later: artifacts and models must be what they were at call time."""
+    """What is logged is what the stage had at call time, even if it then deletes or changes it."""
     import json
 
     import torch
@@ -63,19 +63,7 @@ def test_logging_calls_are_applied_in_order_from_copies_taken_at_call_time(tmp_p
     assert float(logged.weight.detach().sum()) == 2.0
     record = json.loads(timings.read_text().splitlines()[-1])
     assert record["stage"] == "train" and record["status"] == "FINISHED"
-    assert record["left"] >= record["entered"] and record["mlflow_busy_s"] > 0 and record["mlflow_wait_s"] >= 0
-
-
-def test_an_mlflow_error_fails_a_stage_that_succeeded(tmp_path, monkeypatch):
-    blocker = tmp_path / "not_a_folder"
-    blocker.write_text("")
-    # The store cannot be created under a file: MLflow fails in the tracking thread.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{blocker}/mlflow.db")
-    worked = []
-    with pytest.raises(OSError), stage_run("ingest", "toy", root=tmp_path) as run:
-        run.log_metrics({"n": 1})
-        worked.append(True)
-    assert worked == [True]  # the stage itself ran
+    assert record["left"] >= record["entered"] and 0 < record["mlflow_s"] <= record["left"] - record["entered"]
 
 
 def test_runs_of_two_projects_in_one_process_go_to_their_own_stores(tmp_path, monkeypatch):
