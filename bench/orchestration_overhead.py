@@ -1,7 +1,8 @@
 """How much of a pipeline run is orchestration (DVC, Prefect, MLflow, process launch) and how much is work.
 
-    python bench/orchestration_overhead.py --path dvc       # `dvc repro -f` of the default pipeline here
-    python bench/orchestration_overhead.py --path prefect   # the Prefect flow over a fresh clone
+    python bench/orchestration_overhead.py --path dvc --fresh   # `dvc repro` of the default pipeline in a fresh clone
+    python bench/orchestration_overhead.py --path dvc           # `dvc repro -f` here (trainings resume from checkpoints)
+    python bench/orchestration_overhead.py --path prefect       # the Prefect flow over a fresh clone
     python bench/orchestration_overhead.py --path dvc --root /some/clone --targets report
 
 What is measured, per path (wall-clock seconds; the issue's target is at most
@@ -189,19 +190,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--path", choices=["dvc", "prefect"], default="dvc")
     parser.add_argument("--root", type=Path, default=None, help="project to run in (dvc: default this repo)")
+    parser.add_argument("--fresh", action="store_true", help="dvc: run in a fresh git clone (nothing to resume)")
     parser.add_argument("--targets", nargs="*", default=[], help="dvc: stages to reproduce (default all)")
     parser.add_argument("--datasets", nargs="*", default=None, help="prefect: datasets (default params.yaml)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="latentlab-overhead-") as tmp:
         workdir = Path(tmp)
         if args.path == "dvc":
-            result = bench_dvc((args.root or REPO).resolve(), args.targets, workdir)
+            root = fresh_clone(workdir / "clone") if args.fresh else (args.root or REPO).resolve()
+            result = bench_dvc(root, args.targets, workdir)
+            result["fresh_clone"] = args.fresh
         else:
             root = args.root.resolve() if args.root else fresh_clone(workdir / "clone")
             result = bench_prefect(root, args.datasets, workdir)
     result["cpus"] = os.cpu_count()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"orchestration_overhead_{args.path}.json"
+    name = f"{args.path}_fresh" if args.path == "dvc" and args.fresh else args.path
+    out = RESULTS / f"orchestration_overhead_{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wall {result['wall_s']:.1f} s, work {result['work_s']:.1f} s")
     for name, seconds in result["overhead_s"].items():

@@ -9,9 +9,16 @@ import struct
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pytest
-import yaml
+# Under pytest-xdist (pyproject's addopts run 2 workers), each worker and every process it
+# starts uses one CPU thread: two torch processes that each take every core slow each other
+# several-fold. Set before numpy or torch is imported, since OpenMP reads it once.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"

@@ -65,10 +65,16 @@ def corrupt(dataset: Dataset, root: Root = Path(".")) -> None:
 
 @app.command()
 def train(dataset: Dataset, model: Model = "pca", root: Root = Path(".")) -> None:
-    """Train a model of train.zoo on a dataset into models/DATASET/MODEL."""
+    """Train a model of train.zoo on a dataset into models/DATASET/MODEL.
+
+    Under torchrun (several processes, DistributedDataParallel) every rank
+    trains; rank 0 writes the model and prints its path.
+    """
     from latentlab import stages
 
-    typer.echo(_run(lambda: stages.train(dataset, model, root)))
+    out = _run(lambda: stages.train(dataset, model, root))
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(out)
 
 
 @app.command()
