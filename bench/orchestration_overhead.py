@@ -139,6 +139,7 @@ def bench_prefect(root: Path, datasets: list[str] | None, workdir: Path) -> dict
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
 
     from latentlab.orchestration import pipeline_flow
 
@@ -161,10 +162,16 @@ def bench_prefect(root: Path, datasets: list[str] | None, workdir: Path) -> dict
         flow_runs = [flow_run_id]
         # Subflows (the collapse study) are flow runs whose parent task belongs to this flow.
         subflows = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])),
+            sort=FlowRunSort.START_TIME_ASC,
+            limit=200,
         )
         flow_runs += [f.id for f in subflows]
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_runs)), limit=1000)
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_runs)),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+            limit=200,
+        )
     for run in task_runs:
         if run.start_time is not None and run.end_time is not None:
             intervals.append((run.start_time.timestamp(), run.end_time.timestamp()))

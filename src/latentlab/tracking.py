@@ -170,7 +170,6 @@ class RunLogger:
         for name, uri in self._logged_models:
             k = name.removeprefix("model_k") if name.startswith("model_k") else None
             picked = {key: v for key, v in flatten(metrics).items() if k is None or key.startswith(f"k{k}.")}
-            version = mlflow.register_model(uri, registered_name, await_registration_for=0)
             tags = {
                 "latentlab.run_id": self.run_id,
                 "latentlab.artifact": name,
@@ -178,8 +177,10 @@ class RunLogger:
             }
             if k is not None:
                 tags["latent_size"] = k
-            for key, value in tags.items():
-                self._client.set_model_version_tag(registered_name, version.version, key, str(value))
+            # Tags with the version in one call: one SQLite transaction, not one per tag.
+            version = mlflow.register_model(
+                uri, registered_name, await_registration_for=0, tags={key: str(v) for key, v in tags.items()}
+            )
             self._client.set_registered_model_alias(
                 registered_name, f"k{k}" if k is not None else "default", version.version
             )
