@@ -128,6 +128,7 @@ def bench_dvc(root: Path, targets: list[str], workdir: Path) -> dict:
         "overhead_s": {"dvc": dvc, "process_launch": launch, "mlflow": mlflow},
         "overhead_fraction": (wall - work) / wall,
         "per_stage": per_stage,
+        "stage_records": stages,
     }
 
 
@@ -172,9 +173,9 @@ def bench_prefect(root: Path, datasets: list[str] | None, workdir: Path) -> dict
             sort=TaskRunSort.EXPECTED_START_TIME_ASC,
             limit=200,
         )
-    for run in task_runs:
-        if run.start_time is not None and run.end_time is not None:
-            intervals.append((run.start_time.timestamp(), run.end_time.timestamp()))
+    timed = [run for run in task_runs if run.start_time is not None and run.end_time is not None]
+    for run in timed:
+        intervals.append((run.start_time.timestamp(), run.end_time.timestamp()))
     stages = read_jsonl(stage_log)
     in_tasks = union_seconds(intervals)
     mlflow = sum(s["mlflow_s"] for s in stages)
@@ -190,6 +191,11 @@ def bench_prefect(root: Path, datasets: list[str] | None, workdir: Path) -> dict
         "work_s": work,
         "overhead_s": {"prefect": wall - in_tasks, "mlflow": mlflow},
         "overhead_fraction": (wall - work) / wall,
+        # Raw figures, to look into where the time outside task runs went.
+        "task_run_intervals": sorted(
+            (run.name, start, end) for run, (start, end) in zip(timed, intervals, strict=True)
+        ),
+        "stage_records": stages,
     }
 
 
