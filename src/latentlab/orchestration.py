@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -202,6 +203,21 @@ def generate_task(dataset: str, model: str, root: str) -> str:
     return str(out)
 
 
+def _run_logged(
+    cmd: list[str], *, env: dict[str, str], failure: str, cwd: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd``, copy its output into the task run's log, raise with its last line if it fails."""
+    logger = get_run_logger()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.strip():
+            logger.info(line)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"{failure} failed: {tail[0]}")
+    return proc
+
+
 @task(name="collapse-loop", task_run_name="collapse-{dataset}-{loop}-seed{seed}", cache_policy=NONE, tags=["gpu"])
 def collapse_loop_task(dataset: str, loop: str, seed: int, root: str) -> str:
     """One (loop type, seed) pair of the collapse study, in a process of its own.
@@ -211,19 +227,12 @@ def collapse_loop_task(dataset: str, loop: str, seed: int, root: str) -> str:
     reproducible, and one thread per process keeps parallel pairs from slowing
     each other down.
     """
-    import subprocess
     import sys
 
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "latentlab", "collapse-runs", dataset, "--loop", loop, "--seed", str(seed)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd + ["--root", root], env=env, capture_output=True, text=True, check=False)
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip():
-            logger.info(line)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"collapse loop {loop} (seed {seed}) on {dataset} failed: {tail[0]}")
+    proc = _run_logged(cmd + ["--root", root], env=env, failure=f"collapse loop {loop} (seed {seed}) on {dataset}")
     logger.info("collapse loop %s (seed %d) on %s: generations saved", loop, seed, dataset)
     return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
 
@@ -420,7 +429,6 @@ def dvc_exp_run_task(root: str, targets: list[str], set_params: list[str]) -> st
     from the caller (``with_options``), with backoff.
     """
     import re
-    import subprocess
     import sys
 
     logger = get_run_logger()
@@ -430,13 +438,7 @@ def dvc_exp_run_task(root: str, targets: list[str], set_params: list[str]) -> st
     logger.info("running %s in %s", " ".join(cmd[2:]), root)
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip():
-            logger.info(line)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"dvc exp run failed in {root}: {tail[0]}")
+    proc = _run_logged(cmd, env=env, cwd=root, failure=f"dvc exp run in {root}")
     match = re.search(r"Ran experiment\(s\): (\S+)", proc.stdout + proc.stderr)
     name = match.group(1) if match else ""
     logger.info("DVC experiment %s", name or "(name not reported)")
