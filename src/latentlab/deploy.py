@@ -71,6 +71,29 @@ def ensure_gpu_limit(limit: int) -> None:
         client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=limit)
 
 
+def gpu_tags() -> tuple[str, ...]:
+    """``("gpu",)`` when the Prefect server limits ``gpu``-tagged task runs, else ``()``.
+
+    The flows put these tags on the task runs that train networks. Without a
+    limit the tag would buy nothing and cost time: Prefect 3.8 asks the server
+    for a concurrency slot before every tagged task run (a 5 s client cache
+    aside). On the SQLite-backed server that request reads and then updates in
+    one deferred transaction; when another write lands in between (the server
+    records the previous task run's state and events at that moment) it fails
+    with "database is locked" (HTTP 503), and the client retries after 2 s. Measured on the default pipeline: 25 such pauses, 51.7 s
+    (bench/results/orchestration_overhead_prefect.json, before this check).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_concurrency_limit_by_tag(GPU_TAG)
+        except ObjectNotFound:
+            return ()
+    return (GPU_TAG,)
+
+
 def serve(root: Path) -> None:
     """Serve the deployments until interrupted (Ctrl-C); runs start in subprocesses of this one."""
     import prefect

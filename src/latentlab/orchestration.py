@@ -24,7 +24,7 @@ from typing import Any, Literal
 # Library loggers (latentlab.*) appear in the task-run logs of the Prefect UI.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "latentlab")
 
-from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect import flow, get_run_logger, tags, task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 from prefect.futures import wait  # noqa: E402
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
@@ -32,6 +32,7 @@ from pydantic import ValidationError  # noqa: E402
 
 from latentlab import stages, sweep  # noqa: E402
 from latentlab.config import SweepConfig, load_params  # noqa: E402
+from latentlab.deploy import gpu_tags  # noqa: E402
 from latentlab.errors import ConfigError  # noqa: E402
 from latentlab.paths import ProjectPaths  # noqa: E402
 
@@ -130,9 +131,10 @@ def describe_runner(cfg: SweepConfig, environ: Mapping[str, str] | None = None) 
 
 
 # Downloads can fail transiently: retry ingest with backoff. Other stages are
-# deterministic, so a retry would fail the same way. Tasks that train networks
-# carry the tag "gpu": `latentlab serve` puts a concurrency limit on it so that
-# two trainings never share one GPU.
+# deterministic, so a retry would fail the same way. Task runs that train
+# networks are tagged "gpu" by the flows (`with tags(*gpu)`) when the server has
+# a concurrency limit on that tag (`latentlab serve` sets one), so that two
+# trainings never share one GPU; deploy.gpu_tags says why only then.
 @task(name="ingest", task_run_name="ingest-{dataset}", retries=2, retry_delay_seconds=[10, 60], cache_policy=NONE)
 def ingest_task(dataset: str, root: str) -> str:
     out = stages.ingest(dataset, Path(root))
@@ -154,7 +156,7 @@ def corrupt_task(dataset: str, root: str) -> str:
     return str(out)
 
 
-@task(name="train", task_run_name="train-{model}-{dataset}", cache_policy=NONE, tags=["gpu"])
+@task(name="train", task_run_name="train-{model}-{dataset}", cache_policy=NONE)
 def train_task(dataset: str, model: str, root: str) -> str:
     out = stages.train(dataset, model, Path(root))
     get_run_logger().info("trained %s on %s into %s", model, dataset, out)
@@ -175,28 +177,28 @@ def compare_task(dataset: str, root: str) -> str:
     return str(out)
 
 
-@task(name="anomaly", task_run_name="anomaly-{dataset}", cache_policy=NONE, tags=["gpu"])
+@task(name="anomaly", task_run_name="anomaly-{dataset}", cache_policy=NONE)
 def anomaly_task(dataset: str, root: str) -> str:
     out = stages.anomaly(dataset, Path(root))
     get_run_logger().info("anomaly detection on %s: %s", dataset, out)
     return str(out)
 
 
-@task(name="sparsity", task_run_name="sparsity-{dataset}", cache_policy=NONE, tags=["gpu"])
+@task(name="sparsity", task_run_name="sparsity-{dataset}", cache_policy=NONE)
 def sparsity_task(dataset: str, root: str) -> str:
     out = stages.sparsity(dataset, Path(root))
     get_run_logger().info("sparsity sweep on %s: %s", dataset, out)
     return str(out)
 
 
-@task(name="classifier", task_run_name="classifier-{dataset}", cache_policy=NONE, tags=["gpu"])
+@task(name="classifier", task_run_name="classifier-{dataset}", cache_policy=NONE)
 def classifier_task(dataset: str, root: str) -> str:
     out = stages.classifier(dataset, Path(root))
     get_run_logger().info("domain classifier of %s: %s", dataset, out)
     return str(out)
 
 
-@task(name="generate", task_run_name="generate-{model}-{dataset}", cache_policy=NONE, tags=["gpu"])
+@task(name="generate", task_run_name="generate-{model}-{dataset}", cache_policy=NONE)
 def generate_task(dataset: str, model: str, root: str) -> str:
     out = stages.generate(dataset, model, Path(root))
     get_run_logger().info("generative model %s on %s: %s", model, dataset, out)
@@ -218,7 +220,7 @@ def _run_logged(
     return proc
 
 
-@task(name="collapse-loop", task_run_name="collapse-{dataset}-{loop}-seed{seed}", cache_policy=NONE, tags=["gpu"])
+@task(name="collapse-loop", task_run_name="collapse-{dataset}-{loop}-seed{seed}", cache_policy=NONE)
 def collapse_loop_task(dataset: str, loop: str, seed: int, root: str) -> str:
     """One (loop type, seed) pair of the collapse study, in a process of its own.
 
@@ -259,22 +261,25 @@ def pipeline_flow(root: str = ".", datasets: list[str] | None = None) -> str:
     path of ``reports/index.html``.
     """
     params = load_params(ProjectPaths(Path(root)).params)
+    gpu = gpu_tags()
     for dataset in datasets or params.pipeline.datasets:
         ingest_task(dataset, root)
         validate_task(dataset, root)
         corrupt_task(dataset, root)
         for model in params.train.models:
-            train_task(dataset, model, root)
+            with tags(*gpu):
+                train_task(dataset, model, root)
             evaluate_task(dataset, model, root)
         compare_task(dataset, root)
-        if dataset in params.evaluate.anomaly.datasets:
-            anomaly_task(dataset, root)
-        if dataset in params.evaluate.sparsity.datasets:
-            sparsity_task(dataset, root)
-        if dataset in params.generate.datasets:
-            classifier_task(dataset, root)
-            for model in params.generate.models:
-                generate_task(dataset, model, root)
+        with tags(*gpu):
+            if dataset in params.evaluate.anomaly.datasets:
+                anomaly_task(dataset, root)
+            if dataset in params.evaluate.sparsity.datasets:
+                sparsity_task(dataset, root)
+            if dataset in params.generate.datasets:
+                classifier_task(dataset, root)
+                for model in params.generate.models:
+                    generate_task(dataset, model, root)
         if dataset in params.collapse.datasets:
             run_collapse(root, dataset)
     return report_task(root)
@@ -297,10 +302,11 @@ def collapse_flow(root: str = ".", dataset: str | None = None) -> str:
         if not params.collapse.datasets:
             raise ValueError("params.yaml: collapse.datasets is empty: no dataset to run the collapse study on")
         dataset = params.collapse.datasets[0]
-    if not (ProjectPaths(Path(root)).classifier(dataset) / "classifier.pt").exists():
-        classifier_task(dataset, root)
-    pairs = [(loop, seed) for loop in params.collapse.loops for seed in params.collapse.seeds]
-    futures = [collapse_loop_task.submit(dataset, loop, seed, root) for loop, seed in pairs]
+    with tags(*gpu_tags()):
+        if not (ProjectPaths(Path(root)).classifier(dataset) / "classifier.pt").exists():
+            classifier_task(dataset, root)
+        pairs = [(loop, seed) for loop in params.collapse.loops for seed in params.collapse.seeds]
+        futures = [collapse_loop_task.submit(dataset, loop, seed, root) for loop, seed in pairs]
     for future in futures:
         future.result()
     return collapse_task(dataset, root)
@@ -333,7 +339,7 @@ def _where() -> dict[str, Any]:
     return where
 
 
-@task(name="sweep-point", task_run_name="sweep-{point.id}", cache_policy=NONE, tags=["gpu"])
+@task(name="sweep-point", task_run_name="sweep-{point.id}", cache_policy=NONE)
 def sweep_point_task(root: str, point: sweep.SweepPoint) -> dict[str, Any]:
     """Train and score one point of the sweep; returns its result and where it ran (both small)."""
     # A Dask worker's root logger stays at WARNING: let the library's INFO lines (epochs, a reused
@@ -360,11 +366,11 @@ def sweep_summary_task(root: str, outcomes: list[dict[str, Any]], runner: str) -
     params = load_params(ProjectPaths(Path(root)).params)
     results = [o["result"] for o in outcomes]
     outputs = sweep.summarise(Path(root), results)
-    tags = {
+    run_tags = {
         o["result"]["id"]: {f"latentlab.ran_on.{k}": v for k, v in o["ran_on"].items()} | {"latentlab.runner": runner}
         for o in outcomes
     }
-    run_id = sweep.log_sweep(Path(root), params, results, outputs, tags)
+    run_id = sweep.log_sweep(Path(root), params, results, outputs, run_tags)
     get_run_logger().info("sweep summary in %s, MLflow run %s", outputs.metrics, run_id)
     return str(outputs.metrics)
 
@@ -383,7 +389,8 @@ def sweep_flow(root: str = ".", runner: str = "serial") -> str:
     points = sweep.sweep_points(params)
     sweep.check_inputs(Path(root), points)
     logger.info("sweep of %s on %s: %d points on %s", params.sweep.model, params.sweep_dataset(), len(points), runner)
-    futures = [sweep_point_task.submit(root, point) for point in points]
+    with tags(*gpu_tags()):
+        futures = [sweep_point_task.submit(root, point) for point in points]
     # Wait for all before raising, so one failed point leaves the others finished and saved.
     wait(futures)
     outcomes, failed = [], []
@@ -420,13 +427,13 @@ def run_sweep(
         )
 
 
-@task(name="dvc-exp-run", task_run_name="dvc-exp-run", cache_policy=NONE, tags=["gpu"])
+@task(name="dvc-exp-run", task_run_name="dvc-exp-run", cache_policy=NONE)
 def dvc_exp_run_task(root: str, targets: list[str], set_params: list[str]) -> str:
     """``dvc exp run [targets] -S key=value ...`` in ``root``; returns the experiment's name.
 
-    Tagged ``gpu``: a tag concurrency limit (``latentlab serve`` sets it from
-    schedule.gpu_concurrency) keeps two trainings off one GPU. Retries come
-    from the caller (``with_options``), with backoff.
+    Tagged ``gpu`` by the flow: the tag concurrency limit that ``latentlab
+    serve`` sets from schedule.gpu_concurrency keeps two trainings off one GPU.
+    Retries come from the caller (``with_options``), with backoff.
     """
     import re
     import sys
@@ -456,4 +463,5 @@ def dvc_experiment_flow(root: str = ".", targets: list[str] | None = None, set_p
     task_with_retries = dvc_exp_run_task.with_options(
         retries=schedule.retries, retry_delay_seconds=list(schedule.retry_delay_seconds)
     )
-    return task_with_retries(root, list(targets or []), list(set_params or []))
+    with tags(*gpu_tags()):
+        return task_with_retries(root, list(targets or []), list(set_params or []))

@@ -57,6 +57,8 @@ def test_pipeline_flow_runs_every_stage_as_a_task(tmp_path: Path, monkeypatch):
         "report",
     }
     assert all(t.state.is_completed() for t in task_runs)
+    # No concurrency limit on "gpu" in this server: training runs untagged (deploy.gpu_tags says why).
+    assert not any("gpu" in t.tags for t in task_runs)
     # Stage logs reach the task runs, including the library's own loggers.
     ingest_run = next(t for t in task_runs if t.name == "ingest-digits")
     ingest_logs = [log.message for log in logs if log.task_run_id == ingest_run.id]
@@ -68,3 +70,15 @@ def test_pipeline_flow_runs_every_stage_as_a_task(tmp_path: Path, monkeypatch):
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("latentlab").experiment_id])
     assert len(runs) == 7 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_gpu_tag_is_used_only_when_the_server_limits_it(monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from latentlab.deploy import ensure_gpu_limit, gpu_tags
+
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness(server_startup_timeout=120):
+        assert gpu_tags() == ()
+        ensure_gpu_limit(1)
+        assert gpu_tags() == ("gpu",)

@@ -60,17 +60,3 @@ def test_deployments_carry_schedule_parameters_and_names(tmp_path: Path):
     assert collapse.schedules[0].schedule.cron == "0 4 * * 0"
     on_demand = deployments(_params(collapse={"cron": None, "targets": ["collapse"]}), tmp_path)[1]
     assert not on_demand.schedules
-
-
-def test_training_tasks_carry_the_gpu_tag():
-    from latentlab import orchestration
-
-    for task in (
-        orchestration.train_task,
-        orchestration.generate_task,
-        orchestration.collapse_loop_task,
-        orchestration.anomaly_task,
-        orchestration.dvc_exp_run_task,
-    ):
-        assert "gpu" in task.tags
-    assert "gpu" not in orchestration.ingest_task.tags
