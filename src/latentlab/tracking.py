@@ -7,7 +7,12 @@ Set ``MLFLOW_TRACKING_URI`` to log to a server instead.
 Every stage execution is one run, opened with :func:`stage_run`. A run that
 raises is ended with status FAILED (KILLED on Ctrl-C), never left RUNNING.
 Metrics are sent with ``log_batch``: one ``log_metric`` call costs ~7 ms on
-SQLite, more than a training step.
+SQLite, more than a training step, and a ``log_batch`` call costs about the
+same plus ~0.1 ms per metric (1000 at most). So metrics wait in a buffer, sent when 1000 are waiting, when
+the oldest has waited ``_FLUSH_SECONDS``, and when the run ends (failed runs
+included): the MLflow UI lags by at most that long. Before, with three calls
+per epoch, the linear autoencoder on speech (842 short epochs) spent 19 s of
+its 33 s in MLflow.
 
 With ``LATENTLAB_TIMINGS`` set to a file, each stage run appends one JSON line
 with its wall-clock span and the time spent in MLflow, import included
@@ -55,6 +60,8 @@ def _timed(fn: F) -> F:
 
 # MLflow's own per-call limit for log_batch is 1000 metrics.
 _BATCH = 1000
+# The longest a logged metric waits in the buffer before it is sent (seconds).
+_FLUSH_SECONDS = 5.0
 
 
 def tracking_uri(root: Path) -> str:
@@ -97,6 +104,25 @@ class RunLogger:
         self._client = client
         self.run_id = run_id
         self._logged_models: list[tuple[str, str]] = []  # (name in the run, model URI)
+        self._pending: list[Any] = []  # mlflow.entities.Metric, not sent yet
+        self._oldest_pending: float | None = None  # time.monotonic() of the oldest
+
+    def _queue(self, metrics: list[Any]) -> None:
+        if not metrics:
+            return
+        self._pending.extend(metrics)
+        if self._oldest_pending is None:
+            self._oldest_pending = time.monotonic()
+        if len(self._pending) >= _BATCH or time.monotonic() - self._oldest_pending >= _FLUSH_SECONDS:
+            self.flush()
+
+    @_timed
+    def flush(self) -> None:
+        """Send every buffered metric now (stage_run calls it when the run ends)."""
+        while self._pending:
+            batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
+            self._client.log_batch(self.run_id, metrics=batch)
+        self._oldest_pending = None
 
     @_timed
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -113,13 +139,13 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [
-            Metric(metric_key(key), float(value), now, step)
-            for key, value in flatten(metrics).items()
-            if isinstance(value, int | float) and not isinstance(value, bool) and value == value
-        ]
-        for i in range(0, len(items), _BATCH):
-            self._client.log_batch(self.run_id, metrics=items[i : i + _BATCH])
+        self._queue(
+            [
+                Metric(metric_key(key), float(value), now, step)
+                for key, value in flatten(metrics).items()
+                if isinstance(value, int | float) and not isinstance(value, bool) and value == value
+            ]
+        )
 
     @_timed
     def log_series(self, key: str, values: list[float], start_step: int = 0) -> None:
@@ -127,9 +153,7 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(metric_key(key), float(v), now, start_step + i) for i, v in enumerate(values)]
-        for i in range(0, len(items), _BATCH):
-            self._client.log_batch(self.run_id, metrics=items[i : i + _BATCH])
+        self._queue([Metric(metric_key(key), float(v), now, start_step + i) for i, v in enumerate(values)])
 
     @_timed
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -217,7 +241,10 @@ class RunLogger:
                 child.log_artifact(artifacts)
             status = "FINISHED"
         finally:
-            self._client.set_terminated(child.run_id, status)
+            try:
+                child.flush()
+            finally:
+                self._client.set_terminated(child.run_id, status)
         return child.run_id
 
     @_timed
@@ -321,7 +348,10 @@ def stage_run(
             logger.set_tags({"latentlab.error": str(exc)[:5000]})
         raise
     finally:
-        _timed(mlflow.end_run)(status=status)
+        try:
+            logger.flush()  # the metrics of a failed run are kept too
+        finally:
+            _timed(mlflow.end_run)(status=status)
         log.info("MLflow run %s (%s) ended %s", run_id, run_name, status)
         _record_timing(stage, dataset, status, entered, _mlflow_seconds - spent_before)
 

@@ -79,3 +79,50 @@ def test_runs_of_two_projects_in_one_process_go_to_their_own_stores(tmp_path, mo
         client = MlflowClient(tracking_uri=tracking_uri(root))
         runs = client.search_runs([client.get_experiment_by_name("latentlab").experiment_id])
         assert [r.data.tags["latentlab.dataset"] for r in runs] == [root.name]
+
+
+class _CountingClient:
+    """Stands in for MlflowClient: records what each log_batch call carried."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[str, float, int]]] = []
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()):
+        self.batches.append([(m.key, m.value, m.step) for m in metrics])
+
+
+def test_metrics_wait_in_a_buffer_until_a_full_batch_or_the_flush_interval(monkeypatch):
+    from latentlab import tracking
+
+    clock = [100.0]
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
+    client = _CountingClient()
+    run = tracking.RunLogger(client, "run")
+    for epoch in range(3):  # three short epochs inside the interval: nothing sent yet
+        run.log_series("step.loss", [1.0, 0.5], start_step=2 * epoch)
+        run.log_metrics({"val": {"loss": 0.1 * epoch}}, step=epoch)
+    assert client.batches == []
+    clock[0] += tracking._FLUSH_SECONDS  # the oldest waiting metric is now due
+    run.log_metrics({"val": {"loss": 0.3}}, step=3)
+    assert len(client.batches) == 1 and len(client.batches[0]) == 10
+    assert client.batches[0][:3] == [("step.loss", 1.0, 0), ("step.loss", 0.5, 1), ("val.loss", 0.0, 0)]
+    # A full batch waiting sends everything at once, in calls of at most _BATCH metrics.
+    run.log_series("step.loss", [0.0] * (tracking._BATCH + 5), start_step=6)
+    assert [len(b) for b in client.batches] == [10, tracking._BATCH, 5]
+    run.log_metrics({"val": {"loss": 0.2}}, step=4)
+    assert len(client.batches) == 3
+    run.flush()
+    assert client.batches[-1] == [("val.loss", 0.2, 4)]
+    run.flush()  # nothing left: no empty call
+    assert len(client.batches) == 4
+
+
+def test_buffered_metrics_of_a_failed_run_reach_mlflow(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(RuntimeError), stage_run("train", "toy", root=tmp_path) as run:
+        run.log_series("step.loss", [3.0, 2.0])
+        run_id = run.run_id
+        raise RuntimeError("diverged")
+    client = MlflowClient(tracking_uri=tracking_uri(tmp_path))
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert [m.value for m in client.get_metric_history(run_id, "step.loss")] == [3.0, 2.0]
