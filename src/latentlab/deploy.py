@@ -78,10 +78,10 @@ def gpu_tags() -> tuple[str, ...]:
     limit the tag would buy nothing and cost time: Prefect 3.8 asks the server
     for a concurrency slot before every tagged task run (a 5 s client cache
     aside). On the SQLite-backed server that request reads and then updates in
-    one deferred transaction; when another write lands in between (the server
-    records the previous task run's state and events at that moment) it fails
-    with "database is locked" (HTTP 503), and the client retries after 2 s. Measured on the default pipeline: 25 such pauses, 51.7 s
-    (bench/results/orchestration_overhead_prefect.json, before this check).
+    one deferred transaction; when another write reaches the database in
+    between, it fails with "database is locked" (HTTP 503) and the client
+    retries after 2 s. Measured on the default pipeline before this check: 25
+    such pauses, 51.7 s of a 749 s flow run (README, orchestration overhead).
     """
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
