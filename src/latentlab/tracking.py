@@ -100,20 +100,21 @@ def flatten(obj: Mapping[str, Any]) -> dict[str, Any]:
 class RunLogger:
     """What a stage may log into its open run."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: Any, run_id: str, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._client = client
         self.run_id = run_id
+        self._clock = clock  # seconds, for the buffer's flush interval
         self._logged_models: list[tuple[str, str]] = []  # (name in the run, model URI)
         self._pending: list[Any] = []  # mlflow.entities.Metric, not sent yet
-        self._oldest_pending: float | None = None  # time.monotonic() of the oldest
+        self._oldest_pending: float | None = None  # self._clock() when the oldest was queued
 
     def _queue(self, metrics: list[Any]) -> None:
         if not metrics:
             return
         self._pending.extend(metrics)
         if self._oldest_pending is None:
-            self._oldest_pending = time.monotonic()
-        if len(self._pending) >= _BATCH or time.monotonic() - self._oldest_pending >= _FLUSH_SECONDS:
+            self._oldest_pending = self._clock()
+        if len(self._pending) >= _BATCH or self._clock() - self._oldest_pending >= _FLUSH_SECONDS:
             self.flush()
 
     @_timed

@@ -91,13 +91,12 @@ class _CountingClient:
         self.batches.append([(m.key, m.value, m.step) for m in metrics])
 
 
-def test_metrics_wait_in_a_buffer_until_a_full_batch_or_the_flush_interval(monkeypatch):
+def test_metrics_wait_in_a_buffer_until_a_full_batch_or_the_flush_interval():
     from latentlab import tracking
 
     clock = [100.0]
-    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
     client = _CountingClient()
-    run = tracking.RunLogger(client, "run")
+    run = tracking.RunLogger(client, "run", clock=lambda: clock[0])
     for epoch in range(3):  # three short epochs inside the interval: nothing sent yet
         run.log_series("step.loss", [1.0, 0.5], start_step=2 * epoch)
         run.log_metrics({"val": {"loss": 0.1 * epoch}}, step=epoch)
