@@ -26,6 +26,9 @@ SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 # Keep tests from touching the project's own MLflow store or Prefect home.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Stage commands start cold in tests, unless a test turns the warm server on
+# (tests/unit/test_warm.py, the DVC pipeline test) with a folder of its own and stops it.
+os.environ.setdefault("LATENTLAB_WARM", "0")
 
 
 def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
@@ -106,11 +109,18 @@ def write_tone_wavs(folder: Path, per_digit: int, sample_rate: int = 8000, secon
 
 
 def write_project(root: Path, params: dict[str, Any]) -> Path:
-    """A temporary copy of the repository's pipeline (dvc.yaml, sources) with ``params``."""
+    """A temporary copy of the repository's pipeline (every dvc.yaml, sources) with ``params``.
+
+    The stages live in the root dvc.yaml and pipelines/*/dvc.yaml; their dvc.lock files stay behind.
+    """
     import shutil
 
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    for dvc_yaml in (REPO / "pipelines").glob("*/dvc.yaml"):
+        target = root / dvc_yaml.relative_to(REPO)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(dvc_yaml, target)
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root

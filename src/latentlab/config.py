@@ -470,7 +470,7 @@ class DeploymentConfig(Section):
     """One Prefect deployment served by ``latentlab serve``: a scheduled ``dvc exp run``."""
 
     cron: Cron | None = None  # when it runs (cron, in schedule.timezone); None = only when triggered
-    targets: tuple[str, ...] = ()  # dvc stages to reproduce (e.g. collapse); empty = the whole pipeline
+    targets: tuple[str, ...] = ()  # dvc stages to reproduce (pipelines/generative/dvc.yaml:collapse); () = all
     set_params: tuple[str, ...] = ()  # `dvc exp run -S` overrides, e.g. "train.device=cuda"
 
 
@@ -479,7 +479,7 @@ class ScheduleConfig(Section):
 
     timezone: str = "UTC"  # time zone of the cron expressions
     pipeline: DeploymentConfig = DeploymentConfig(cron="0 2 * * 0")  # the whole pipeline, weekly
-    collapse: DeploymentConfig = DeploymentConfig(cron="0 4 * * 0", targets=("collapse",))
+    collapse: DeploymentConfig = DeploymentConfig(cron="0 4 * * 0", targets=("pipelines/generative/dvc.yaml:collapse",))
     retries: Annotated[int, Field(ge=0)] = 2  # retries of a failed dvc run (transient failures: downloads, disk)
     retry_delay_seconds: tuple[Annotated[float, Field(ge=0.0)], ...] = (30.0, 300.0)  # backoff between retries
     gpu_concurrency: Annotated[int, Field(ge=1)] = 1  # training task runs sharing one GPU at once

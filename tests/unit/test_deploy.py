@@ -55,8 +55,8 @@ def test_deployments_carry_schedule_parameters_and_names(tmp_path: Path):
     pipeline, collapse = deployments(params, tmp_path)
     assert (pipeline.name, collapse.name) == (PIPELINE_DEPLOYMENT, COLLAPSE_DEPLOYMENT)
     assert pipeline.parameters == {"root": str(tmp_path), "targets": [], "set_params": ["train.device=cpu"]}
-    assert collapse.parameters["targets"] == ["collapse"]
+    assert collapse.parameters["targets"] == ["pipelines/generative/dvc.yaml:collapse"]
     assert pipeline.schedules[0].schedule.cron == "30 1 * * *"
     assert collapse.schedules[0].schedule.cron == "0 4 * * 0"
-    on_demand = deployments(_params(collapse={"cron": None, "targets": ["collapse"]}), tmp_path)[1]
+    on_demand = deployments(_params(collapse={"cron": None}), tmp_path)[1]
     assert not on_demand.schedules
