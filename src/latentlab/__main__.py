@@ -1,3 +1,3 @@
-from latentlab.cli import app
+from latentlab.launch import main
 
-app()
+main()

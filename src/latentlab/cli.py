@@ -275,5 +275,33 @@ def ui(
     raise typer.Exit(subprocess.call(cmd, env=dict(os.environ)))
 
 
+warm_app = typer.Typer(
+    help="The warm stage server: stage commands fork from a process that has already imported torch and MLflow.",
+    no_args_is_help=True,
+)
+app.add_typer(warm_app, name="warm")
+
+
+@warm_app.command("status")
+def warm_status() -> None:
+    """List the running warm servers of this user (pid, socket, commands in flight)."""
+    from latentlab import warm
+
+    found = warm.servers()
+    if not found:
+        typer.echo(f"no warm server in {warm.server_dir()}")
+    for server in found:
+        typer.echo(f"pid {server['pid']}  {server['socket']}  running {server['supervising']} command(s)")
+
+
+@warm_app.command("stop")
+def warm_stop() -> None:
+    """Stop every warm server of this user once its running commands end."""
+    from latentlab import warm
+
+    asked, running = warm.stop_all()
+    typer.echo(f"stopped {asked - running} warm server(s)" + (f"; {running} still finishing" if running else ""))
+
+
 if __name__ == "__main__":
     app()

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,22 @@ def _address(name: str) -> str:
     return f"{SUB_FILES[group]}:{name}" if group in SUB_FILES else name
 
 
+@pytest.fixture(scope="module", autouse=True)
+def warm_servers(tmp_path_factory) -> Iterator[Path]:
+    """The stage commands of this module go through a warm server (as `dvc repro` does by default)
+    in a folder of this module's own; it is stopped at the end."""
+    from latentlab import warm
+
+    folder = tmp_path_factory.mktemp("warm")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LATENTLAB_WARM", "1")
+        mp.setenv("LATENTLAB_WARM_DIR", str(folder))
+        yield folder
+        assert warm.stop_all(dict(os.environ))[1] == 0
+
+
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(tmp_path_factory, warm_servers: Path) -> Path:
     base = tmp_path_factory.mktemp("pipeline")
     data = base / "inputs"
     x, y = make_digit_images(20, 3, seed=1)
@@ -98,8 +113,12 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
-def test_first_run_runs_every_stage_and_writes_outputs(project: Path):
+def test_first_run_runs_every_stage_and_writes_outputs(project: Path, warm_servers: Path):
     ran = _ran_stages((project / "first_run.log").read_text())
+    # The first stage started a warm server; the stages after its start ran in it (its log names them).
+    log = "".join(p.read_text() for p in warm_servers.glob("*.log"))
+    served = re.findall(r"latentlab (.+?) \(in .+?\): exit 0 after", log)
+    assert "report" in served and len(served) >= 10, log[-2000:]
     for dataset in ("digits", "tones"):
         for stage in ("ingest", "validate", "corrupt"):
             assert f"{stage}@{dataset}" in ran

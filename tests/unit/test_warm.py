@@ -1,0 +1,207 @@
+"""The warm stage server: which commands it takes, what names a server, and a real
+server running real commands (results, errors, signals, a killed command, stop)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from latentlab import warm, warm_server
+from tests.conftest import make_digit_images, tiny_params, write_idx
+
+BIN = Path(sys.executable).parent
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_only_stage_commands_go_warm_and_the_switches_turn_it_off():
+    on = {"LATENTLAB_WARM": "1"}
+    assert warm.enabled(["train", "mnist", "--model", "conv"], on)
+    assert warm.enabled(["report"], {})  # on by default
+    assert not warm.enabled(["flow"], on)  # long-lived commands start cold
+    assert not warm.enabled(["warm", "status"], on)
+    assert not warm.enabled([], on)
+    assert not warm.enabled(["train", "--help"], on)
+    assert not warm.enabled(["train", "mnist"], {"LATENTLAB_WARM": "0"})
+    assert not warm.enabled(["train", "mnist"], {"LATENTLAB_WARM": "1", "RANK": "0"})  # under torchrun
+
+
+def test_fingerprint_follows_the_source_and_import_time_environment(tmp_path, monkeypatch):
+    package = tmp_path / "latentlab"
+    package.mkdir()
+    module = package / "stages.py"
+    module.write_text("x = 1\n")
+    monkeypatch.setattr(warm, "_package_dir", lambda: package)
+    base = {"HOME": "/home/a", "OMP_NUM_THREADS": "1", "DVC_STAGE": "train@mnist-pca"}
+    key = warm.fingerprint(base)
+    assert warm.fingerprint(dict(base)) == key
+    # A variable that no library reads at import does not matter: the worker gets it anyway.
+    assert warm.fingerprint({**base, "DVC_STAGE": "report", "LATENTLAB_TIMINGS": "t.jsonl"}) == key
+    # Thread pools and CUDA are set up at import: another value needs another server.
+    assert warm.fingerprint({**base, "OMP_NUM_THREADS": "2"}) != key
+    assert warm.fingerprint({**base, "CUDA_VISIBLE_DEVICES": "1"}) != key
+    # An edited source file names a new server: no stale code runs.
+    module.write_text("x = 22\n")
+    assert warm.fingerprint(base) != key
+
+
+def test_preload_list_comes_from_the_imports_in_the_source(tmp_path):
+    package = tmp_path / "latentlab"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "stages.py").write_text(
+        "import json\nfrom latentlab import paths\n\n"
+        "def train():\n    import torch.nn.functional\n    from sklearn.metrics import roc_auc_score\n"
+    )
+    (package / "orchestration.py").write_text("import prefect\nimport never_preloaded_either\n")
+    names = warm_server.modules_to_preload(package)
+    assert {"json", "torch.nn.functional", "sklearn.metrics", "latentlab", "latentlab.stages"} <= set(names)
+    # Prefect starts threads; the flows' module is not a stage's.
+    assert not {"prefect", "never_preloaded_either", "latentlab.orchestration"} & set(names)
+    assert names.index("sklearn.metrics") < names.index("latentlab.stages")  # libraries first
+
+
+# ----------------------------------------------------------------------------------------------
+# A real server
+
+
+def _digits_project(root: Path) -> Path:
+    data = root / "inputs"
+    x, y = make_digit_images(10, 3, seed=1)
+    xt, yt = make_digit_images(3, 3, seed=2)
+    write_idx(data / "train-images-idx3-ubyte", x)
+    write_idx(data / "train-labels-idx1-ubyte", y.astype("uint8"))
+    write_idx(data / "t10k-images-idx3-ubyte", xt)
+    write_idx(data / "t10k-labels-idx1-ubyte", yt.astype("uint8"))
+    params = tiny_params(data, {"digits": {"kind": "idx", "path": str(data)}})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def _start(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(BIN / "latentlab"), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _latentlab(args: list[str], env: dict[str, str], cwd: Path) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run the command; also return its pid (the client's when it went warm)."""
+    proc = _start(args, env, cwd)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), proc.pid
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def warm_env(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A warm server of this module's own (own folder), started the way a user's first command starts it."""
+    folder = tmp_path_factory.mktemp("warm")
+    env = {**os.environ, "LATENTLAB_WARM": "1", "LATENTLAB_WARM_DIR": str(folder / "servers")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    first = _digits_project(folder / "first")
+    result, _ = _latentlab(["ingest", "digits", "--root", str(first)], env, first)
+    assert result.returncode == 0, result.stderr  # ran cold, and started the server
+    _wait(lambda: warm.servers(env), 180, "the warm server to answer")
+    yield env
+    asked, running = warm.stop_all(env)
+    assert (asked, running) == (1, 0)
+    assert not list((folder / "servers").glob("*.sock"))
+
+
+def test_a_warm_command_gives_what_a_cold_one_gives(warm_env, tmp_path):
+    outputs = {}
+    for mode in ("0", "1"):
+        root = _digits_project(tmp_path / mode)
+        timings = tmp_path / f"timings{mode}.jsonl"
+        env = {**warm_env, "LATENTLAB_WARM": mode, "LATENTLAB_TIMINGS": str(timings)}
+        result, pid = _latentlab(["ingest", "digits", "--root", str(root)], env, root)
+        assert result.returncode == 0, result.stderr
+        record = json.loads(timings.read_text().splitlines()[0])
+        # Cold, the command's own process ran the stage; warm, a worker forked by the server did.
+        assert (record["pid"] == pid) == (mode == "0")
+        assert "MLflow run" in result.stderr and "FINISHED" in result.stderr  # the command's logging reached stderr
+        processed = root / "data" / "processed" / "digits"
+        outputs[mode] = (result.stdout.replace(str(root), "ROOT"), {p.name: np.load(p) for p in processed.glob("*.npz")})
+    assert outputs["0"][0] == outputs["1"][0] == "ROOT/data/processed/digits\n"
+    cold, hot = outputs["0"][1], outputs["1"][1]
+    assert cold.keys() == hot.keys() and cold
+    for name in cold:
+        for array in cold[name].files:
+            np.testing.assert_array_equal(cold[name][array], hot[name][array])
+
+
+def test_a_warm_error_is_the_same_one_line_and_status(warm_env, tmp_path):
+    results = []
+    for mode in ("0", "1"):
+        root = _digits_project(tmp_path / mode)
+        raw = yaml.safe_load((root / "params.yaml").read_text())
+        raw["ingest"]["val_fraction"] = 2
+        (root / "params.yaml").write_text(yaml.safe_dump(raw))
+        result, _ = _latentlab(["ingest", "digits", "--root", str(root)], {**warm_env, "LATENTLAB_WARM": mode}, root)
+        results.append((result.returncode, result.stderr.replace(str(root), "ROOT")))
+    assert results[0] == results[1]
+    assert results[1][0] == 2 and results[1][1].startswith("error: ROOT/params.yaml: ingest.val_fraction")
+
+
+def _blocked_command(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """A warm ``latentlab report`` that blocks reading its params.yaml, a FIFO nobody writes."""
+    root = tmp_path / "blocked"
+    root.mkdir()
+    os.mkfifo(root / "params.yaml")
+    proc = _start(["report", "--root", str(root)], env, root)
+    _wait(lambda: _supervising(env) == 1, 60, "the worker to start")
+    return proc
+
+
+def _supervising(env: dict[str, str]) -> int:
+    return sum(server["supervising"] for server in warm.servers(env))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_command_reaches_its_worker(warm_env, tmp_path, signum):
+    proc = _blocked_command(tmp_path, warm_env)
+    time.sleep(2)  # the worker is blocked in open(params.yaml) by now: a few milliseconds after its fork
+    proc.send_signal(signum)
+    proc.communicate(timeout=60)
+    if signum == signal.SIGINT:
+        # Ctrl-C became a KeyboardInterrupt in the worker, which the CLI turns into status 130, as
+        # it does cold. (Had the command kept the signal to itself, it would have died of it: -2.)
+        assert proc.returncode == 130
+    else:
+        # The worker died of SIGTERM, and the command died of it in turn, as a cold command would.
+        assert proc.returncode == -signal.SIGTERM
+    _wait(lambda: _supervising(warm_env) == 0, 30, "the worker to end")
+
+
+def test_a_killed_command_takes_its_worker_with_it(warm_env, tmp_path):
+    proc = _blocked_command(tmp_path, warm_env)
+    proc.kill()  # SIGKILL: the command cannot say anything, the server sees the connection drop
+    proc.communicate(timeout=60)
+    _wait(lambda: _supervising(warm_env) == 0, 30, "the orphaned worker to be killed")
+
+
+def test_warm_status_and_stop_commands(tmp_path):
+    env = {**os.environ, "LATENTLAB_WARM_DIR": str(tmp_path / "none")}
+    status = subprocess.run([str(BIN / "latentlab"), "warm", "status"], env=env, capture_output=True, text=True)
+    assert status.returncode == 0 and "no warm server" in status.stdout
+    stop = subprocess.run([str(BIN / "latentlab"), "warm", "stop"], env=env, capture_output=True, text=True)
+    assert stop.returncode == 0 and "stopped 0 warm server(s)" in stop.stdout
