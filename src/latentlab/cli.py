@@ -291,7 +291,7 @@ def warm_status() -> None:
     if not found:
         typer.echo(f"no warm server in {warm.server_dir()}")
     for server in found:
-        typer.echo(f"pid {server['pid']}  {server['socket']}  running {server['supervising']} command(s)")
+        typer.echo(f"pid {server['pid']}  {server['socket']}  running {server['running']} command(s)")
 
 
 @warm_app.command("stop")

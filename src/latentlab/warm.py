@@ -16,16 +16,18 @@ How (Linux only; anything unusual falls back to the ordinary cold start):
   packages, latentlab's source files and the environment variables that
   libraries read at import time (thread counts, CUDA, ...). A change to any of
   them names another socket, so a server never runs stale code.
-* No server yet: the command starts one in the background and runs cold
-  itself; later commands find it. A server exits after ``LATENTLAB_WARM_IDLE_S``
-  seconds (default 300) without work, or on ``latentlab warm stop``.
-* Per request the server forks a supervisor, which forks the worker. The
-  worker takes over the command's stdin, stdout and stderr (passed over the
-  socket), its working directory, environment, umask and arguments, runs the
-  ``latentlab`` CLI and exits with its status. The supervisor relays signals
-  the command receives (Ctrl-C, SIGTERM) to the worker, kills the worker if
-  the command itself dies (SIGKILL), and returns the worker's exit status,
-  which the command then exits with (or dies of, for a signal).
+* No server yet: the command starts one in the background and waits for it.
+  The server first imports the core that every stage needs (what the command
+  would have imported cold), takes the command, then imports the rest between
+  commands. A server exits after ``LATENTLAB_WARM_IDLE_S`` seconds (default
+  300) without work, or on ``latentlab warm stop``.
+* Per command the server forks a worker. The worker takes over the command's
+  stdin, stdout and stderr (passed over the socket), its working directory,
+  environment, umask and arguments, runs the ``latentlab`` CLI and sends back
+  its exit status, which the command exits with. The command relays the
+  signals it receives (Ctrl-C, SIGTERM) to the worker; if the worker dies of
+  one, the command dies of it too; if the command itself dies (SIGKILL), the
+  server kills the worker.
 * The server imports, but never runs, anything: no torch threads, no CUDA
   context and no database connection exist before the fork.
 
@@ -53,6 +55,9 @@ ENABLE_ENV = "LATENTLAB_WARM"
 DIR_ENV = "LATENTLAB_WARM_DIR"
 IDLE_ENV = "LATENTLAB_WARM_IDLE_S"
 DEFAULT_IDLE_S = 300.0
+# How long a command waits for a server it started to open its socket (it takes
+# a fraction of a second); past that the command runs cold.
+_START_WAIT_S = 10.0
 
 # The stage sub-commands that a warm server runs; everything else starts cold.
 STAGE_COMMANDS = frozenset(
@@ -198,8 +203,16 @@ def run(argv: list[str]) -> int | None:
     socket_path, lock_path, log_path = _paths(key)
     sock = _connect(socket_path)
     if sock is None:
-        _start_server(key, socket_path, lock_path, log_path)
-        return None
+        if not _start_server(key, socket_path, lock_path, log_path):
+            return None
+        # The server binds its socket as soon as it runs, and takes this command once
+        # its core imports are done: the imports this command would have paid cold.
+        deadline = time.monotonic() + _START_WAIT_S
+        while sock is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            sock = _connect(socket_path)
+        if sock is None:
+            return None
     with sock:
         try:
             return _relay(sock, argv)
@@ -245,7 +258,7 @@ def _relay(sock: socket.socket, argv: list[str]) -> int:
     received: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        # Sent at once; the supervisor reads it once the worker exists, so none is lost.
+        # Sent at once; the server relays it once the worker exists, so none is lost.
         received.append(signum)
         try:
             _send(sock, {"signal": signum})
@@ -260,8 +273,8 @@ def _relay(sock: socket.socket, argv: list[str]) -> int:
                 sock.sendall(framed[sent:])
         except OSError as exc:
             raise _ServerGone from exc
-        started = _recv_or_gone(sock)
-        if started is None or "pid" not in started:
+        reply = _recv_or_gone(sock)
+        if reply is None:
             if received:
                 # The server was stopping and never ran the command: the signal is for us.
                 for s, handler in previous.items():
@@ -269,9 +282,8 @@ def _relay(sock: socket.socket, argv: list[str]) -> int:
                 os.kill(os.getpid(), received[0])
             raise _ServerGone
         while True:
-            reply = _recv_or_gone(sock)
             if reply is None:
-                # The supervisor died: nothing can say how the worker ended.
+                # Worker and server both gone without a word: nothing can say how the command ended.
                 print("latentlab: the warm server went away during the command", file=sys.stderr)
                 return 1
             if "exit" in reply:
@@ -282,6 +294,7 @@ def _relay(sock: socket.socket, argv: list[str]) -> int:
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
                 return 128 + signum
+            reply = _recv_or_gone(sock)  # {"pid": ...} came first: the worker runs
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -294,8 +307,8 @@ def _recv_or_gone(sock: socket.socket) -> dict[str, Any] | None:
         return None
 
 
-def _start_server(key: str, socket_path: Path, lock_path: Path, log_path: Path) -> None:
-    """Start a server in the background, unless one is already starting (it holds the lock)."""
+def _start_server(key: str, socket_path: Path, lock_path: Path, log_path: Path) -> bool:
+    """Start a server in the background unless one is starting (it holds the lock); False if none can run."""
     import fcntl
     import subprocess
 
@@ -303,12 +316,12 @@ def _start_server(key: str, socket_path: Path, lock_path: Path, log_path: Path) 
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         if folder.stat().st_uid != os.getuid():
-            return  # someone else's folder: never run their server's code
+            return False  # someone else's folder: never run their server's code
         with open(lock_path, "a+") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return  # a server is starting (or running and about to accept)
+                return True  # a server is starting: wait for its socket
             fcntl.flock(lock, fcntl.LOCK_UN)
         with open(log_path, "w") as log:
             subprocess.Popen(
@@ -320,7 +333,8 @@ def _start_server(key: str, socket_path: Path, lock_path: Path, log_path: Path) 
                 close_fds=True,
             )
     except OSError:
-        pass  # no warm server: every command starts cold, as before
+        return False  # no warm server: every command starts cold, as before
+    return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,13 +1,19 @@
 """The warm stage server that :mod:`latentlab.warm` starts and talks to.
 
-    python -m latentlab.warm_server --key KEY --socket PATH --lock PATH [--idle-seconds S]
+    python -P -m latentlab.warm_server --key KEY --socket PATH --lock PATH [--idle-seconds S]
 
-It imports what the stage commands import, then answers on a Unix socket:
-per command it forks a supervisor, which forks the worker that runs the
-command (see :mod:`latentlab.warm` for the whole design). The server is
-single-threaded: it starts no Python thread, so a fork copies no lock that
-another thread holds. (Native thread pools, such as OpenBLAS's, register
-their own fork handlers, as for ``multiprocessing``'s fork start method.)
+It binds its socket at once and imports in two steps: first the core every
+stage needs (latentlab's modules with what they import at the top, and MLflow's
+store), then, between commands, the libraries that single stages import inside
+their functions (scikit-learn, Great Expectations, UMAP, ...). Per command it
+forks one worker that becomes the command's process (see :mod:`latentlab.warm`).
+
+The server is single-threaded: it starts no Python thread, and it forks only
+between imports, so a fork copies no half-done import and no lock that another
+thread holds. (Native thread pools such as OpenBLAS's register their own fork
+handlers, as for ``multiprocessing``'s fork start method.) It never runs a
+model, opens a database or touches CUDA; it refuses to go on if an import
+initialised CUDA, which a forked child could not use.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import ast
 import atexit
 import fcntl
 import importlib
-import io
+import json
+import logging
 import os
 import select
 import signal
@@ -26,6 +33,8 @@ import struct
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -45,22 +54,28 @@ _SKIPPED_LATENTLAB = frozenset(
         "latentlab.__main__",
     }
 )
-# Imported by MLflow only when a run opens (its SQLite store): worth having warm too.
-_EXTRA = ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store")
+# Every stage opens an MLflow run on a SQLite store: part of the core.
+_CORE_EXTRA = ("mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store")
+_SIGNALS_HELD_AROUND_FORK = {signal.SIGINT, signal.SIGTERM}
 
 
 def _log(message: str) -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [{os.getpid()}] {message}", flush=True)
 
 
-def modules_to_preload(package: Path | None = None) -> list[str]:
-    """Every module latentlab's stage code imports anywhere (function bodies included), then latentlab's own.
+# ----------------------------------------------------------------------------------------------
+# What to import
+
+
+def modules_to_preload(package: Path | None = None) -> tuple[list[str], list[str]]:
+    """(core, rest): latentlab's stage modules plus MLflow's store, then every library
+    latentlab's code imports inside functions.
 
     Read from the source rather than listed by hand, so that a new import in a
     stage is preloaded without anyone remembering to add it here.
     """
     package = package or Path(warm.__file__).resolve().parent
-    third_party: set[str] = set()
+    imported: set[str] = set()
     own: list[str] = []
     for path in sorted(package.rglob("*.py")):
         parts = path.relative_to(package.parent).with_suffix("").parts
@@ -70,41 +85,235 @@ def modules_to_preload(package: Path | None = None) -> list[str]:
         own.append(name)
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
-                third_party.update(alias.name for alias in node.names)
+                imported.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                third_party.add(node.module)
-    third_party = {
+                imported.add(node.module)
+    rest = sorted(
         m
-        for m in third_party
+        for m in imported
         if not m.startswith("latentlab") and m.split(".")[0] not in _SKIPPED_PREFIXES and m != "__future__"
-    }
-    return sorted(third_party) + list(_EXTRA) + own
+    )
+    core = [*_CORE_EXTRA, *own]
+    return core, [m for m in rest if m not in core]
 
 
-def preload() -> None:
-    """Import everything the stage commands import; a module that fails to import is only logged.
+def _mlflow_package_map() -> None:
+    # mlflow.pytorch.log_model maps imported modules to installed packages; the map is
+    # built once per process from every installed distribution's metadata (1.2 s here)
+    # and depends only on what is installed, which the server's fingerprint covers.
+    from mlflow.utils import requirements_utils
 
-    The root logger is put back as it was: an import that configures logging
-    (mlflow.pytorch's dependencies call ``logging.basicConfig(level=ERROR)``)
-    would otherwise win over the command's own ``basicConfig``, which in a cold
-    process runs first.
+    requirements_utils._init_packages_to_modules_map()
+
+
+# Work that every command would otherwise repeat, that depends only on what the
+# fingerprint covers, and that leaves no thread, file or connection behind.
+WARM_UPS: tuple[tuple[str, Callable[[], None]], ...] = (("MLflow's map of installed packages", _mlflow_package_map),)
+
+
+def _load(name: str, step: Callable[[], object], failed: list[str]) -> None:
+    """Run one import or warm-up; keep the root logger as it was (see below); log failures only.
+
+    An import that configures logging (mlflow.pytorch's dependencies call
+    ``logging.basicConfig(level=ERROR)``) would otherwise win over the command's
+    own ``basicConfig``, which in a cold process runs first.
     """
-    import logging
+    handlers, level = list(logging.root.handlers), logging.root.level
+    try:
+        step()
+    except Exception as exc:  # an optional library missing: the stage imports it (and fails) itself
+        failed.append(f"{name} ({type(exc).__name__}: {exc})")
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
 
-    root_handlers, root_level = list(logging.root.handlers), logging.root.level
-    started = time.perf_counter()
-    failed = []
-    for name in modules_to_preload():
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # an optional library missing: the stage imports it (and fails) itself
-            failed.append(f"{name} ({type(exc).__name__}: {exc})")
-    logging.root.handlers[:] = root_handlers
-    logging.root.setLevel(root_level)
-    _log(f"preloaded in {time.perf_counter() - started:.1f} s" + (f"; not loaded: {', '.join(failed)}" if failed else ""))
+
+def _cuda_initialised() -> bool:
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
 
 
 # ----------------------------------------------------------------------------------------------
+# The server
+
+
+@dataclass
+class _Job:
+    """One command being run: its connection, its worker and how to see the worker exit."""
+
+    conn: socket.socket | None
+    pid: int
+    exited: int | None  # a pidfd, readable once the worker has exited (None: poll)
+    command: str
+    cwd: str
+    started: float = field(default_factory=time.monotonic)
+
+
+class _Server:
+    def __init__(self, listener: socket.socket, lock: Any, start_environ: dict[str, str]) -> None:
+        self.listener = listener
+        self.lock = lock
+        self.start_environ = start_environ
+        self.jobs: list[_Job] = []
+        self.stopping = False
+        self.last_activity = time.monotonic()
+
+    # -- events
+
+    def poll(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for connections, messages and exits, and handle them."""
+        watched: list[Any] = [] if self.stopping else [self.listener]
+        for job in self.jobs:
+            if job.conn is not None:
+                watched.append(job.conn)
+            if job.exited is not None:
+                watched.append(job.exited)
+        if any(job.exited is None for job in self.jobs):
+            timeout = min(timeout, 0.05)
+        try:
+            ready, _, _ = select.select(watched, [], [], timeout)
+        except InterruptedError:
+            return
+        if self.listener in ready:
+            self._accept()
+        for job in list(self.jobs):
+            if job.conn is not None and job.conn in ready:
+                self._message(job)
+            if job.exited is None or job.exited in ready:
+                self._reap(job)
+
+    def _accept(self) -> None:
+        conn, _ = self.listener.accept()
+        self.last_activity = time.monotonic()
+        try:
+            conn.settimeout(10.0)  # a request arrives right after connecting
+            request, fds = _receive_request(conn)
+            conn.settimeout(None)
+        except (OSError, ValueError) as exc:
+            _log(f"bad request: {exc}")
+            conn.close()
+            return
+        if "status" in request or "stop" in request:
+            with conn:
+                try:
+                    warm._send(
+                        conn,
+                        {"pid": os.getpid(), "socket": str(self.listener.getsockname()), "running": len(self.jobs)},
+                    )
+                except OSError:
+                    pass
+            for fd in fds:
+                os.close(fd)
+            self.stopping |= "stop" in request
+            return
+        self._start(conn, request, fds)
+
+    def _start(self, conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
+        # Variables the imports so far set (e.g. KMP_INIT_AT_FORK): a cold command would set them too.
+        set_by_imports = {k: v for k, v in os.environ.items() if self.start_environ.get(k) != v}
+        request["env"] = {**set_by_imports, **request["env"]}
+        # Hold SIGINT/SIGTERM until the worker has its own handlers: one relayed
+        # that early must act there, not run the server's handler in the worker.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS_HELD_AROUND_FORK)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._become_worker(conn, request, fds)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS_HELD_AROUND_FORK)
+        for fd in fds:
+            os.close(fd)
+        try:
+            exited: int | None = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            exited = None
+        self.jobs.append(_Job(conn, pid, exited, " ".join(["latentlab", *map(str, request["argv"])]), str(request["cwd"])))
+
+    def _become_worker(self, conn: socket.socket, request: dict[str, Any], fds: list[int]) -> NoReturn:
+        try:
+            self.listener.close()
+            self.lock.close()
+            for job in self.jobs:
+                if job.conn is not None:
+                    job.conn.close()
+                if job.exited is not None:
+                    os.close(job.exited)
+        finally:
+            _work(request, fds, conn)
+
+    def _message(self, job: _Job) -> None:
+        try:
+            message = warm._recv(job.conn)
+        except (OSError, ValueError):
+            message = None
+        if message is None:
+            self._drop_command(job)
+        elif "signal" in message:
+            _kill(job.pid, int(message["signal"]))
+
+    def _drop_command(self, job: _Job) -> None:
+        """The command died (SIGKILL, or its terminal went away): so does its worker.
+
+        A worker left running would keep the command's stdout open and go on unobserved.
+        """
+        _kill(job.pid, signal.SIGKILL)
+        if job.conn is not None:
+            job.conn.close()
+            job.conn = None
+
+    def _reap(self, job: _Job) -> None:
+        done, status = os.waitpid(job.pid, os.WNOHANG)
+        if not done:
+            return
+        if os.WIFSIGNALED(status):
+            message: dict[str, int] = {"signal": os.WTERMSIG(status)}
+            outcome = f"killed by signal {message['signal']}"
+        else:
+            message = {"exit": os.waitstatus_to_exitcode(status)}
+            outcome = f"exit {message['exit']}"
+        if job.conn is not None:
+            try:
+                warm._send(job.conn, message)
+            except OSError:
+                pass
+            job.conn.close()
+        if job.exited is not None:
+            os.close(job.exited)
+        self.jobs.remove(job)
+        self.last_activity = time.monotonic()
+        _log(f"{job.command} (in {job.cwd}): {outcome} after {time.monotonic() - job.started:.1f} s")
+
+    def close(self, socket_path: Path, inode: int) -> None:
+        if _still_ours(socket_path, inode):
+            socket_path.unlink(missing_ok=True)
+        self.listener.close()
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _still_ours(path: Path, inode: int) -> bool:
+    try:
+        return path.stat().st_ino == inode
+    except OSError:
+        return False
+
+
+def _receive_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
+    while len(data) < 4:
+        more = conn.recv(4 - len(data))
+        if not more:
+            raise ValueError("connection closed before the request")
+        data += more
+    (length,) = struct.unpack("!I", data[:4])
+    body = warm._recv_exactly(conn, 4 + length, data)
+    if body is None:
+        raise ValueError("connection closed inside the request")
+    return json.loads(body[4:]), list(fds)
 
 
 def serve(key: str, socket_path: Path, lock_path: Path, idle_seconds: float) -> int:
@@ -119,199 +328,80 @@ def serve(key: str, socket_path: Path, lock_path: Path, idle_seconds: float) -> 
     if warm.fingerprint(start_environ) != key:
         _log("started with another interpreter, path or environment than its key says: exiting")
         return 0
-    preload()
-    if warm.fingerprint(start_environ) != key:
-        _log("the code changed while loading: exiting")
-        return 0
-    # Variables the imports set (e.g. KMP_INIT_AT_FORK): a cold command would set them too.
-    set_by_imports = {k: v for k, v in os.environ.items() if start_environ.get(k) != v}
+    # Bound at once: the first command connects and waits in the backlog while the core loads.
     socket_path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))
     os.chmod(socket_path, 0o600)
     listener.listen(64)
-    bound_inode = socket_path.stat().st_ino
-    _log(f"serving on {socket_path} (idle limit {idle_seconds:.0f} s)")
-
-    stopping = False
+    inode = socket_path.stat().st_ino
+    server = _Server(listener, lock, start_environ)
 
     def request_stop(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        server.stopping = True
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    supervisors: set[int] = set()
-    last_activity = time.monotonic()
+
+    core, rest = modules_to_preload()
+    failed: list[str] = []
+    started = time.perf_counter()
+    for name in core:
+        _load(name, lambda name=name: importlib.import_module(name), failed)
+    core_seconds = time.perf_counter() - started
+    _log(f"core loaded in {core_seconds:.1f} s; serving on {socket_path} (idle limit {idle_seconds:.0f} s)")
+    steps = [(name, lambda name=name: importlib.import_module(name)) for name in rest] + list(WARM_UPS)
     try:
         while True:
-            for pid in list(supervisors):
-                if os.waitpid(pid, os.WNOHANG)[0]:
-                    supervisors.discard(pid)
-                    last_activity = time.monotonic()
-            if not stopping and not _still_ours(socket_path, bound_inode):
+            if steps:
+                server.poll(0)  # commands first; the imports go on between them
+                name, step = steps.pop(0)
+                _load(name, step, failed)
+                if not steps:
+                    _log(
+                        f"the rest loaded in {time.perf_counter() - started - core_seconds:.1f} s"
+                        + (f"; not loaded: {', '.join(failed)}" if failed else "")
+                    )
+                    if warm.fingerprint(start_environ) != key:
+                        _log("the code changed while loading: stopping")
+                        server.stopping = True
+                if _cuda_initialised():
+                    _log("an import initialised CUDA, which a forked worker cannot use: stopping")
+                    server.stopping, steps = True, []
+                continue
+            if not server.stopping and not _still_ours(socket_path, inode):
                 _log("the socket was removed or replaced: stopping")
-                stopping = True
-            if not supervisors and (stopping or time.monotonic() - last_activity > idle_seconds):
+                server.stopping = True
+            if not server.jobs and (server.stopping or time.monotonic() - server.last_activity > idle_seconds):
                 break
-            if stopping:
-                time.sleep(0.1)
-                continue
-            try:
-                ready, _, _ = select.select([listener], [], [], 1.0)
-            except InterruptedError:
-                continue
-            if not ready:
-                continue
-            conn, _ = listener.accept()
-            last_activity = time.monotonic()
-            stopping |= _answer(conn, listener, lock, supervisors, set_by_imports)
+            server.poll(1.0)
     finally:
-        if _still_ours(socket_path, bound_inode):
-            socket_path.unlink(missing_ok=True)
-        listener.close()
+        server.close(socket_path, inode)
         _log("stopped")
     return 0
 
 
-def _still_ours(path: Path, inode: int) -> bool:
-    try:
-        return path.stat().st_ino == inode
-    except OSError:
-        return False
+# ----------------------------------------------------------------------------------------------
+# The worker
 
 
-def _answer(
-    conn: socket.socket,
-    listener: socket.socket,
-    lock: io.TextIOBase,
-    supervisors: set[int],
-    set_by_imports: dict[str, str],
-) -> bool:
-    """Handle one connection; True if it asked the server to stop."""
-    try:
-        conn.settimeout(10.0)  # a request arrives right after connecting
-        request, fds = _receive_request(conn)
-        conn.settimeout(None)
-    except (OSError, ValueError) as exc:
-        _log(f"bad request: {exc}")
-        conn.close()
-        return False
-    if "status" in request or "stop" in request:
-        with conn:
-            try:
-                warm._send(conn, {"pid": os.getpid(), "socket": str(listener.getsockname()), "supervising": len(supervisors)})
-            except OSError:
-                pass
-        for fd in fds:
-            os.close(fd)
-        return "stop" in request
-    pid = os.fork()
-    if pid == 0:
-        listener.close()
-        lock.close()
-        request["env"] = {**set_by_imports, **request["env"]}
-        _supervise(conn, request, fds)
-    supervisors.add(pid)
-    conn.close()
-    for fd in fds:
-        os.close(fd)
-    return False
+def _work(request: dict[str, Any], fds: list[int], conn: socket.socket) -> NoReturn:
+    """In the worker: become the command's process, run the CLI, exit with its status.
 
-
-def _receive_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
-    while len(data) < 4:
-        more = conn.recv(4 - len(data))
-        if not more:
-            raise ValueError("connection closed before the request")
-        data += more
-    (length,) = struct.unpack("!I", data[:4])
-    body = warm._recv_exactly(conn, 4 + length, data)
-    if body is None:
-        raise ValueError("connection closed inside the request")
-    return __import__("json").loads(body[4:]), list(fds)
-
-
-def _supervise(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> NoReturn:
-    """In the supervisor: fork the worker, relay signals to it, report how it ended."""
-    worker = None
-    try:
-        # The worker inherits these until it sets its own: a signal relayed that
-        # early must still act (a KeyboardInterrupt, a termination), not vanish.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        worker = os.fork()
-        if worker == 0:
-            conn.close()
-            _work(request, fds)
-        for fd in fds:
-            os.close(fd)
-        started = time.monotonic()
-        try:
-            warm._send(conn, {"pid": worker})
-        except OSError:
-            return  # the command is gone already (killed): so goes its worker, below
-        outcome = _relay_until_exit(conn, worker)
-        worker = None  # exited and reaped
-        command = " ".join(["latentlab", *map(str, request["argv"])])
-        _log(f"{command} (in {request['cwd']}): {outcome} after {time.monotonic() - started:.1f} s")
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        if worker:
-            # Never leave a worker without its command: it would hold the command's
-            # stdout open and run on unobserved.
-            try:
-                os.kill(worker, signal.SIGKILL)
-            except OSError:
-                pass
-        os._exit(0)
-
-
-def _relay_until_exit(conn: socket.socket, pid: int) -> str:
-    """Relay signals until the worker exits; returns how it ended, in words."""
-    watched: list[Any] = [conn]
-    try:
-        exited = os.pidfd_open(pid)  # readable once the worker has exited
-        timeout = None
-    except (AttributeError, OSError):
-        exited, timeout = None, 0.05
-    if exited is not None:
-        watched.append(exited)
-    while True:
-        ready, _, _ = select.select(watched, [], [], timeout)
-        done, status = os.waitpid(pid, os.WNOHANG) if (exited is None or exited in ready) else (0, 0)
-        if done:
-            if os.WIFSIGNALED(status):
-                message = {"signal": os.WTERMSIG(status)}
-            else:
-                message = {"exit": os.waitstatus_to_exitcode(status)}
-            try:
-                warm._send(conn, message)
-            except OSError:
-                pass
-            return f"killed by signal {message['signal']}" if "signal" in message else f"exit {message['exit']}"
-        if conn in ready:
-            try:
-                message = warm._recv(conn)
-            except OSError:
-                message = None
-            if message is None:
-                # The command died (SIGKILL, or its terminal went away): so does its worker.
-                os.kill(pid, signal.SIGKILL)
-                watched.remove(conn)
-            elif "signal" in message:
-                os.kill(pid, int(message["signal"]))
-
-
-def _work(request: dict[str, Any], fds: list[int]) -> NoReturn:
-    """In the worker: become the command's process, run the CLI, exit with its status."""
+    The worker itself tells the command its pid and, when it ends normally, its
+    status: the server may be busy with an import just then. (If it dies of a
+    signal, the server reports that once it has reaped it.)
+    """
     code = 1
+    try:
+        warm._send(conn, {"pid": os.getpid()})
+    except OSError:
+        os._exit(1)  # the command is gone already
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS_HELD_AROUND_FORK)
         _take_standard_streams(request["fds"], fds)
         os.chdir(request["cwd"])
         os.environ.clear()
@@ -337,6 +427,10 @@ def _work(request: dict[str, Any], fds: list[int]) -> NoReturn:
         code = 1
     finally:
         _flush_and_run_exit_functions()
+        try:
+            warm._send(conn, {"exit": code})
+        except OSError:
+            pass
         os._exit(code)
 
 
@@ -379,9 +473,7 @@ def _take_standard_streams(wanted: list[int], received: list[int]) -> None:
     errors = sys.__stdout__.errors if sys.__stdout__ else "strict"
     # As the interpreter sets them up: stdout line-buffered on a terminal only, stderr always.
     sys.stdin = sys.__stdin__ = open(0, "r", encoding=encoding, errors=errors, closefd=False)
-    sys.stdout = sys.__stdout__ = open(
-        1, "w", encoding=encoding, errors=errors, buffering=-1, closefd=False
-    )
+    sys.stdout = sys.__stdout__ = open(1, "w", encoding=encoding, errors=errors, buffering=-1, closefd=False)
     if os.isatty(1):
         sys.stdout.reconfigure(line_buffering=True)
     sys.stderr = sys.__stderr__ = open(2, "w", encoding=encoding, errors="backslashreplace", closefd=False)

@@ -66,11 +66,13 @@ def test_preload_list_comes_from_the_imports_in_the_source(tmp_path):
         "def train():\n    import torch.nn.functional\n    from sklearn.metrics import roc_auc_score\n"
     )
     (package / "orchestration.py").write_text("import prefect\nimport never_preloaded_either\n")
-    names = warm_server.modules_to_preload(package)
-    assert {"json", "torch.nn.functional", "sklearn.metrics", "latentlab", "latentlab.stages"} <= set(names)
+    core, rest = warm_server.modules_to_preload(package)
+    # The core: latentlab's modules (with what they import at the top) and MLflow's store.
+    assert {"latentlab", "latentlab.stages", "mlflow.store.tracking.sqlalchemy_store"} <= set(core)
+    # The rest: what the code imports anywhere, function bodies included.
+    assert {"json", "torch.nn.functional", "sklearn.metrics"} <= set(rest)
     # Prefect starts threads; the flows' module is not a stage's.
-    assert not {"prefect", "never_preloaded_either", "latentlab.orchestration"} & set(names)
-    assert names.index("sklearn.metrics") < names.index("latentlab.stages")  # libraries first
+    assert not {"prefect", "never_preloaded_either", "latentlab.orchestration"} & set(core + rest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,9 +120,12 @@ def warm_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     env = {**os.environ, "LATENTLAB_WARM": "1", "LATENTLAB_WARM_DIR": str(folder / "servers")}
     env.pop("MLFLOW_TRACKING_URI", None)
     first = _digits_project(folder / "first")
-    result, _ = _latentlab(["ingest", "digits", "--root", str(first)], env, first)
-    assert result.returncode == 0, result.stderr  # ran cold, and started the server
-    _wait(lambda: warm.servers(env), 180, "the warm server to answer")
+    timings = folder / "first.jsonl"
+    result, pid = _latentlab(["ingest", "digits", "--root", str(first)], {**env, "LATENTLAB_TIMINGS": str(timings)}, first)
+    assert result.returncode == 0, result.stderr
+    # The first command started the server, waited for its core and ran in it.
+    assert json.loads(timings.read_text())["pid"] != pid
+    assert warm.servers(env)
     yield env
     asked, running = warm.stop_all(env)
     assert (asked, running) == (1, 0)
@@ -168,12 +173,12 @@ def _blocked_command(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[st
     root.mkdir()
     os.mkfifo(root / "params.yaml")
     proc = _start(["report", "--root", str(root)], env, root)
-    _wait(lambda: _supervising(env) == 1, 60, "the worker to start")
+    _wait(lambda: _running(env) == 1, 60, "the worker to start")
     return proc
 
 
-def _supervising(env: dict[str, str]) -> int:
-    return sum(server["supervising"] for server in warm.servers(env))
+def _running(env: dict[str, str]) -> int:
+    return sum(server["running"] for server in warm.servers(env))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -189,14 +194,14 @@ def test_a_signal_to_the_command_reaches_its_worker(warm_env, tmp_path, signum):
     else:
         # The worker died of SIGTERM, and the command died of it in turn, as a cold command would.
         assert proc.returncode == -signal.SIGTERM
-    _wait(lambda: _supervising(warm_env) == 0, 30, "the worker to end")
+    _wait(lambda: _running(warm_env) == 0, 30, "the worker to end")
 
 
 def test_a_killed_command_takes_its_worker_with_it(warm_env, tmp_path):
     proc = _blocked_command(tmp_path, warm_env)
     proc.kill()  # SIGKILL: the command cannot say anything, the server sees the connection drop
     proc.communicate(timeout=60)
-    _wait(lambda: _supervising(warm_env) == 0, 30, "the orphaned worker to be killed")
+    _wait(lambda: _running(warm_env) == 0, 30, "the orphaned worker to be killed")
 
 
 def test_warm_status_and_stop_commands(tmp_path):
