@@ -104,7 +104,7 @@ class RunLogger:
         self._client = client
         self.run_id = run_id
         self._clock = clock  # seconds, for the buffer's flush interval
-        self._logged_models: list[tuple[str, str]] = []  # (name in the run, model URI)
+        self._logged_models: list[tuple[str, str]] = []  # (name in the run, logged model id)
         self._pending: list[Any] = []  # mlflow.entities.Metric, not sent yet
         self._oldest_pending: float | None = None  # self._clock() when the oldest was queued
 
@@ -164,19 +164,37 @@ class RunLogger:
 
     @_timed
     def log_torch_model(self, model: Any, name: str) -> None:
-        """Log a torch module as an MLflow model (loadable with ``mlflow.pytorch.load_model``)."""
+        """Log a torch module as an MLflow logged model of this run (``mlflow.pytorch.load_model`` loads it).
+
+        The model is created with this run as its source and recorded as the
+        run's output here, rather than by ``log_model`` under an active run:
+        that path also re-reads the whole history of every metric of the run
+        (one query per metric name) to copy the step-0 values onto the model,
+        about 0.3 s a model in a training stage. The metrics that belong to a
+        model are linked to it in :meth:`register_logged_models`.
+        """
+        import mlflow
         import mlflow.pytorch
         import torch
+        from mlflow.entities import LoggedModelOutput
 
-        # The run is the fluent API's active run (see stage_run). Pinning the
-        # requirement skips MLflow's slow environment inference.
-        info = mlflow.pytorch.log_model(
+        run = self._client.get_run(self.run_id)
+        logged = mlflow.initialize_logged_model(
+            name=name,
+            source_run_id=self.run_id,
+            params=dict(run.data.params),
+            experiment_id=run.info.experiment_id,
+        )
+        # Pinning the requirement skips MLflow's slow environment inference.
+        mlflow.pytorch.log_model(
             model,
             name=name,
+            model_id=logged.model_id,
             serialization_format="pickle",
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
-        self._logged_models.append((name, info.model_uri))
+        self._client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        self._logged_models.append((name, logged.model_id))
 
     @_timed
     def register_logged_models(self, registered_name: str, metrics: Mapping[str, Any]) -> list[str]:
@@ -190,11 +208,21 @@ class RunLogger:
         the registry shows them. Returns the version numbers.
         """
         import mlflow
+        from mlflow.entities import Metric
 
         versions = []
-        for name, uri in self._logged_models:
+        for name, model_id in self._logged_models:
             k = name.removeprefix("model_k") if name.startswith("model_k") else None
             picked = {key: v for key, v in flatten(metrics).items() if k is None or key.startswith(f"k{k}.")}
+            now = int(time.time() * 1000)
+            numeric = {
+                key: float(v) for key, v in picked.items() if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+            # The model's own metrics, on the logged model's page (and in search_logged_models).
+            self._client.log_batch(
+                self.run_id,
+                metrics=[Metric(metric_key(key), v, now, 0, model_id=model_id) for key, v in numeric.items()],
+            )
             tags = {
                 "latentlab.run_id": self.run_id,
                 "latentlab.artifact": name,
@@ -204,7 +232,10 @@ class RunLogger:
                 tags["latent_size"] = k
             # Tags with the version in one call: one SQLite transaction, not one per tag.
             version = mlflow.register_model(
-                uri, registered_name, await_registration_for=0, tags={key: str(v) for key, v in tags.items()}
+                f"models:/{model_id}",
+                registered_name,
+                await_registration_for=0,
+                tags={key: str(v) for key, v in tags.items()},
             )
             self._client.set_registered_model_alias(
                 registered_name, f"k{k}" if k is not None else "default", version.version
@@ -271,8 +302,13 @@ def _experiment_id(client: Any, name: str, root: Path) -> str:
 
 
 @_timed
-def _open_run(root: Path, experiment: str, run_name: str, tags: dict[str, str]) -> tuple[Any, Any, str]:
-    """Create the run and make it the fluent API's active run; returns (mlflow, client, run id)."""
+def _open_run(root: Path, experiment: str, run_name: str, tags: dict[str, str]) -> tuple[Any, str]:
+    """Create the run; returns (client, run id).
+
+    No fluent "active run" is started: every call goes through the client with
+    this run's id, so stages in one process (the Prefect flow) cannot log into
+    each other's runs.
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -283,17 +319,17 @@ def _open_run(root: Path, experiment: str, run_name: str, tags: dict[str, str]) 
     client = MlflowClient(tracking_uri=tracking_uri(root))
     experiment_id = _experiment_id(client, experiment, root)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    # Also the fluent API's active run, for the calls that exist only there (log_model).
-    # set_tracking_uri also exports MLFLOW_TRACKING_URI, which tracking_uri() obeys: put the
-    # variable back, or a later stage run of another project in this process would log here.
+    # The fluent functions that have no client counterpart (logged models, the registry)
+    # follow the fluent tracking URI. set_tracking_uri also exports MLFLOW_TRACKING_URI, which
+    # tracking_uri() obeys: put the variable back, or a later stage run of another project in
+    # this process would log here.
     exported = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(client.tracking_uri)
     if exported is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = exported
-    mlflow.start_run(run_id=run.info.run_id)
-    return mlflow, client, run.info.run_id
+    return client, run.info.run_id
 
 
 def _record_timing(stage: str, dataset: str | None, status: str, entered: float, mlflow_seconds: float) -> None:
@@ -332,7 +368,7 @@ def stage_run(
     if dataset:
         all_tags["latentlab.dataset"] = dataset
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
-    mlflow, client, run_id = _open_run(Path(root), experiment, run_name, all_tags)
+    client, run_id = _open_run(Path(root), experiment, run_name, all_tags)
     logger = RunLogger(client, run_id)
     status = "FAILED"
     try:
@@ -352,7 +388,7 @@ def stage_run(
         try:
             logger.flush()  # the metrics of a failed run are kept too
         finally:
-            _timed(mlflow.end_run)(status=status)
+            _timed(client.set_terminated)(run_id, status)
         log.info("MLflow run %s (%s) ended %s", run_id, run_name, status)
         _record_timing(stage, dataset, status, entered, _mlflow_seconds - spent_before)
 

@@ -40,6 +40,7 @@ start stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -260,10 +261,8 @@ def _relay(sock: socket.socket, argv: list[str]) -> int:
     def forward(signum: int, _frame: object) -> None:
         # Sent at once; the server relays it once the worker exists, so none is lost.
         received.append(signum)
-        try:
+        with contextlib.suppress(OSError):
             _send(sock, {"signal": signum})
-        except OSError:
-            pass
 
     previous = {s: signal.signal(s, forward) for s in _FORWARDED_SIGNALS}
     try:
@@ -325,7 +324,18 @@ def _start_server(key: str, socket_path: Path, lock_path: Path, log_path: Path) 
             fcntl.flock(lock, fcntl.LOCK_UN)
         with open(log_path, "w") as log:
             subprocess.Popen(
-                [sys.executable, "-P", "-m", "latentlab.warm_server", "--key", key, "--socket", str(socket_path), "--lock", str(lock_path)],
+                [
+                    sys.executable,
+                    "-P",
+                    "-m",
+                    "latentlab.warm_server",
+                    "--key",
+                    key,
+                    "--socket",
+                    str(socket_path),
+                    "--lock",
+                    str(lock_path),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import atexit
+import contextlib
 import fcntl
 import importlib
 import json
@@ -54,6 +55,9 @@ _SKIPPED_LATENTLAB = frozenset(
         "latentlab.__main__",
     }
 )
+# Imported only on rare paths (torchvision only downloads a dataset, 1.8 s to import):
+# a command that needs one imports it itself.
+_RARELY_USED = frozenset({"torchvision.datasets"})
 # Every stage opens an MLflow run on a SQLite store: part of the core.
 _CORE_EXTRA = ("mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store")
 _SIGNALS_HELD_AROUND_FORK = {signal.SIGINT, signal.SIGTERM}
@@ -91,7 +95,10 @@ def modules_to_preload(package: Path | None = None) -> tuple[list[str], list[str
     rest = sorted(
         m
         for m in imported
-        if not m.startswith("latentlab") and m.split(".")[0] not in _SKIPPED_PREFIXES and m != "__future__"
+        if not m.startswith("latentlab")
+        and m.split(".")[0] not in _SKIPPED_PREFIXES
+        and m not in _RARELY_USED
+        and m != "__future__"
     )
     core = [*_CORE_EXTRA, *own]
     return core, [m for m in rest if m not in core]
@@ -193,14 +200,11 @@ class _Server:
             conn.close()
             return
         if "status" in request or "stop" in request:
-            with conn:
-                try:
-                    warm._send(
-                        conn,
-                        {"pid": os.getpid(), "socket": str(self.listener.getsockname()), "running": len(self.jobs)},
-                    )
-                except OSError:
-                    pass
+            with conn, contextlib.suppress(OSError):
+                warm._send(
+                    conn,
+                    {"pid": os.getpid(), "socket": str(self.listener.getsockname()), "running": len(self.jobs)},
+                )
             for fd in fds:
                 os.close(fd)
             self.stopping |= "stop" in request
@@ -226,7 +230,9 @@ class _Server:
             exited: int | None = os.pidfd_open(pid)
         except (AttributeError, OSError):
             exited = None
-        self.jobs.append(_Job(conn, pid, exited, " ".join(["latentlab", *map(str, request["argv"])]), str(request["cwd"])))
+        self.jobs.append(
+            _Job(conn, pid, exited, " ".join(["latentlab", *map(str, request["argv"])]), str(request["cwd"]))
+        )
 
     def _become_worker(self, conn: socket.socket, request: dict[str, Any], fds: list[int]) -> NoReturn:
         try:
@@ -271,10 +277,8 @@ class _Server:
             message = {"exit": os.waitstatus_to_exitcode(status)}
             outcome = f"exit {message['exit']}"
         if job.conn is not None:
-            try:
+            with contextlib.suppress(OSError):
                 warm._send(job.conn, message)
-            except OSError:
-                pass
             job.conn.close()
         if job.exited is not None:
             os.close(job.exited)
@@ -289,10 +293,8 @@ class _Server:
 
 
 def _kill(pid: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def _still_ours(path: Path, inode: int) -> bool:
@@ -317,7 +319,7 @@ def _receive_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
 
 
 def serve(key: str, socket_path: Path, lock_path: Path, idle_seconds: float) -> int:
-    lock = open(lock_path, "a+")
+    lock = open(lock_path, "a+")  # noqa: SIM115 - held (and so locked) for the server's whole life
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -427,10 +429,8 @@ def _work(request: dict[str, Any], fds: list[int], conn: socket.socket) -> NoRet
         code = 1
     finally:
         _flush_and_run_exit_functions()
-        try:
+        with contextlib.suppress(OSError):
             warm._send(conn, {"exit": code})
-        except OSError:
-            pass
         os._exit(code)
 
 
@@ -441,10 +441,8 @@ def _flush_and_run_exit_functions() -> None:
     except BaseException:
         traceback.print_exc()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(Exception):
             stream.flush()
-        except Exception:
-            pass
 
 
 def _exit_status(code: object) -> int:
@@ -459,7 +457,7 @@ def _exit_status(code: object) -> int:
 
 def _take_standard_streams(wanted: list[int], received: list[int]) -> None:
     """Put the command's stdin, stdout and stderr on fds 0-2 and rebuild sys.std* over them."""
-    by_target = dict(zip(wanted, received))
+    by_target = dict(zip(wanted, received, strict=False))  # the kernel passes every fd sent, or none
     for target in (0, 1, 2):
         source = by_target.get(target)
         if source is None:
@@ -472,11 +470,12 @@ def _take_standard_streams(wanted: list[int], received: list[int]) -> None:
     encoding = sys.__stdout__.encoding if sys.__stdout__ else "utf-8"
     errors = sys.__stdout__.errors if sys.__stdout__ else "strict"
     # As the interpreter sets them up: stdout line-buffered on a terminal only, stderr always.
-    sys.stdin = sys.__stdin__ = open(0, "r", encoding=encoding, errors=errors, closefd=False)
-    sys.stdout = sys.__stdout__ = open(1, "w", encoding=encoding, errors=errors, buffering=-1, closefd=False)
+    # Open for the worker's whole life, as the interpreter's own streams are.
+    sys.stdin = sys.__stdin__ = open(0, encoding=encoding, errors=errors, closefd=False)  # noqa: SIM115
+    sys.stdout = sys.__stdout__ = open(1, "w", encoding=encoding, errors=errors, closefd=False)  # noqa: SIM115
     if os.isatty(1):
         sys.stdout.reconfigure(line_buffering=True)
-    sys.stderr = sys.__stderr__ = open(2, "w", encoding=encoding, errors="backslashreplace", closefd=False)
+    sys.stderr = sys.__stderr__ = open(2, "w", encoding=encoding, errors="backslashreplace", closefd=False)  # noqa: SIM115
     sys.stderr.reconfigure(line_buffering=True)
 
 
@@ -497,9 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", required=True)
     parser.add_argument("--socket", required=True, type=Path)
     parser.add_argument("--lock", required=True, type=Path)
-    parser.add_argument(
-        "--idle-seconds", type=float, default=float(os.environ.get(warm.IDLE_ENV, warm.DEFAULT_IDLE_S))
-    )
+    parser.add_argument("--idle-seconds", type=float, default=float(os.environ.get(warm.IDLE_ENV, warm.DEFAULT_IDLE_S)))
     args = parser.parse_args(argv)
     return serve(args.key, args.socket, args.lock, args.idle_seconds)
 

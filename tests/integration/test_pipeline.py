@@ -273,6 +273,13 @@ def test_trained_networks_are_registered_and_load_back_by_name(project: Path, mo
     version = client.get_model_version_by_alias(name, "k2")
     assert version.tags["latent_size"] == "2"
     assert any(key.startswith("metric.k2.") for key in version.tags)
+    # The version's logged model: made by the training run, recorded as its output, with its own metrics.
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == version.run_id
+    run = client.get_run(version.run_id)
+    assert run.info.run_name == "train:digits"
+    assert logged.model_id in {output.model_id for output in run.outputs.model_outputs}
+    assert logged.metrics and all(m.key.startswith("k2.") for m in logged.metrics)
     model = load_registered(project, "digits", "deep", "k2")
     x = torch.from_numpy(np.random.default_rng(0).random((5, 1, 12, 12), dtype=np.float32))
     with torch.no_grad():

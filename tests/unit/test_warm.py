@@ -121,7 +121,9 @@ def warm_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     env.pop("MLFLOW_TRACKING_URI", None)
     first = _digits_project(folder / "first")
     timings = folder / "first.jsonl"
-    result, pid = _latentlab(["ingest", "digits", "--root", str(first)], {**env, "LATENTLAB_TIMINGS": str(timings)}, first)
+    result, pid = _latentlab(
+        ["ingest", "digits", "--root", str(first)], {**env, "LATENTLAB_TIMINGS": str(timings)}, first
+    )
     assert result.returncode == 0, result.stderr
     # The first command started the server, waited for its core and ran in it.
     assert json.loads(timings.read_text())["pid"] != pid
@@ -145,7 +147,10 @@ def test_a_warm_command_gives_what_a_cold_one_gives(warm_env, tmp_path):
         assert (record["pid"] == pid) == (mode == "0")
         assert "MLflow run" in result.stderr and "FINISHED" in result.stderr  # the command's logging reached stderr
         processed = root / "data" / "processed" / "digits"
-        outputs[mode] = (result.stdout.replace(str(root), "ROOT"), {p.name: np.load(p) for p in processed.glob("*.npz")})
+        outputs[mode] = (
+            result.stdout.replace(str(root), "ROOT"),
+            {p.name: np.load(p) for p in processed.glob("*.npz")},
+        )
     assert outputs["0"][0] == outputs["1"][0] == "ROOT/data/processed/digits\n"
     cold, hot = outputs["0"][1], outputs["1"][1]
     assert cold.keys() == hot.keys() and cold
