@@ -100,9 +100,20 @@ def flatten(obj: Mapping[str, Any]) -> dict[str, Any]:
 class RunLogger:
     """What a stage may log into its open run."""
 
-    def __init__(self, client: Any, run_id: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        client: Any,
+        run_id: str,
+        *,
+        experiment_id: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._client = client
         self.run_id = run_id
+        # Kept here: reading them back (get_run) loads every metric of the run, which takes
+        # seconds once a training has logged thousands.
+        self._experiment_id = experiment_id
+        self._params: dict[str, str] = {}
         self._clock = clock  # seconds, for the buffer's flush interval
         self._logged_models: list[tuple[str, str]] = []  # (name in the run, logged model id)
         self._pending: list[Any] = []  # mlflow.entities.Metric, not sent yet
@@ -131,6 +142,7 @@ class RunLogger:
 
         # MLflow caps a param value at 6000 characters.
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        self._params.update((p.key, p.value) for p in items)
         for i in range(0, len(items), 100):
             self._client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -178,12 +190,8 @@ class RunLogger:
         import torch
         from mlflow.entities import LoggedModelOutput
 
-        run = self._client.get_run(self.run_id)
         logged = mlflow.initialize_logged_model(
-            name=name,
-            source_run_id=self.run_id,
-            params=dict(run.data.params),
-            experiment_id=run.info.experiment_id,
+            name=name, source_run_id=self.run_id, params=dict(self._params), experiment_id=self._experiment_id_()
         )
         # Pinning the requirement skips MLflow's slow environment inference.
         mlflow.pytorch.log_model(
@@ -257,11 +265,13 @@ class RunLogger:
 
         Returns the child's run id. The MLflow UI nests it under this run.
         """
-        experiment_id = self._client.get_run(self.run_id).info.experiment_id
+        experiment_id = self._experiment_id_()
         all_tags = {"mlflow.parentRunId": self.run_id, "mlflow.runName": name}
         all_tags.update({k: str(v) for k, v in (tags or {}).items()})
         child = RunLogger(
-            self._client, self._client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
+            self._client,
+            self._client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id,
+            experiment_id=experiment_id,
         )
         status = "FAILED"
         try:
@@ -278,6 +288,11 @@ class RunLogger:
             finally:
                 self._client.set_terminated(child.run_id, status)
         return child.run_id
+
+    def _experiment_id_(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = self._client.get_run(self.run_id).info.experiment_id
+        return self._experiment_id
 
     @_timed
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
@@ -302,8 +317,8 @@ def _experiment_id(client: Any, name: str, root: Path) -> str:
 
 
 @_timed
-def _open_run(root: Path, experiment: str, run_name: str, tags: dict[str, str]) -> tuple[Any, str]:
-    """Create the run; returns (client, run id).
+def _open_run(root: Path, experiment: str, run_name: str, tags: dict[str, str]) -> tuple[Any, str, str]:
+    """Create the run; returns (client, run id, experiment id).
 
     No fluent "active run" is started: every call goes through the client with
     this run's id, so stages in one process (the Prefect flow) cannot log into
@@ -319,6 +334,10 @@ def _open_run(root: Path, experiment: str, run_name: str, tags: dict[str, str]) 
     client = MlflowClient(tracking_uri=tracking_uri(root))
     experiment_id = _experiment_id(client, experiment, root)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    # MLflow looks up (get_run) and caches a run's artifact store at its first artifact; a
+    # get_run loads every metric of the run, 0.5 s once a training has logged thousands. Do
+    # it now, while the run is empty.
+    client.list_artifacts(run.info.run_id)
     # The fluent functions that have no client counterpart (logged models, the registry)
     # follow the fluent tracking URI. set_tracking_uri also exports MLFLOW_TRACKING_URI, which
     # tracking_uri() obeys: put the variable back, or a later stage run of another project in
@@ -329,7 +348,7 @@ def _open_run(root: Path, experiment: str, run_name: str, tags: dict[str, str]) 
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = exported
-    return client, run.info.run_id
+    return client, run.info.run_id, experiment_id
 
 
 def _record_timing(stage: str, dataset: str | None, status: str, entered: float, mlflow_seconds: float) -> None:
@@ -368,8 +387,8 @@ def stage_run(
     if dataset:
         all_tags["latentlab.dataset"] = dataset
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
-    client, run_id = _open_run(Path(root), experiment, run_name, all_tags)
-    logger = RunLogger(client, run_id)
+    client, run_id, experiment_id = _open_run(Path(root), experiment, run_name, all_tags)
+    logger = RunLogger(client, run_id, experiment_id=experiment_id)
     status = "FAILED"
     try:
         if params:
