@@ -32,7 +32,9 @@ How (Linux only; anything unusual falls back to the ordinary cold start):
   context and no database connection exist before the fork.
 
 ``LATENTLAB_WARM=0`` turns it off. It is also off under ``torchrun`` (``RANK``
-set), whose agent watches its worker processes directly.
+set), whose agent watches its worker processes directly, and, unless
+``LATENTLAB_WARM=1``, on machines with an NVIDIA GPU, where forked workers
+using CUDA have not been tested yet.
 
 Importing this module imports only the standard library: the command's own
 start stays cheap.
@@ -109,17 +111,30 @@ _FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQU
 # Where servers live and what names them
 
 
+def _nvidia_gpu_present() -> bool:
+    # Checked without touching CUDA (which must stay uninitialised before a fork).
+    return os.path.exists("/proc/driver/nvidia/gpus") or os.path.exists("/dev/nvidiactl")
+
+
 def enabled(argv: list[str], environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
-    """Whether ``latentlab argv`` should go through a warm server."""
+    """Whether ``latentlab argv`` should go through a warm server.
+
+    ``LATENTLAB_WARM`` unset: on for the stage commands on Linux machines without
+    an NVIDIA GPU (forked workers and CUDA are not yet tested together there);
+    ``1`` forces it on, ``0`` turns it off.
+    """
+    setting = environ.get(ENABLE_ENV, "").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
     return (
         bool(argv)
         and argv[0] in STAGE_COMMANDS
         and not any(a in ("--help", "-h") for a in argv)
-        and environ.get(ENABLE_ENV, "1") not in ("0", "false", "no", "off")
         and "RANK" not in environ
         and sys.platform == "linux"
         and hasattr(socket, "send_fds")
         and hasattr(os, "fork")
+        and (setting in ("1", "true", "yes", "on") or not _nvidia_gpu_present())
     )
 
 
@@ -135,28 +150,32 @@ def _package_dir() -> Path:
     return Path(__file__).resolve().parent
 
 
-def fingerprint(environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
-    """Names the server that may run this process's commands: equal only if the code it would run is equal."""
-    digest = hashlib.sha256()
-
-    def add(*parts: object) -> None:
-        digest.update(repr(parts).encode())
-
+def fingerprint_parts(environ: dict[str, str] | os._Environ[str] = os.environ) -> list[tuple[object, ...]]:
+    """What names a server: the interpreter, its search path (and each entry's mtime: pip
+    install/uninstall adds or removes entries of site-packages), latentlab's source files
+    (mtime and size), and the environment variables libraries read at import."""
     # sys.path[0] is the invoking script's folder (or the working folder under
     # `python -m`) unless Python runs with -P, as the server does: leave it out.
     search_path = sys.path if sys.flags.safe_path else sys.path[1:]
-    add(sys.executable, sys.version, search_path)
+    parts: list[tuple[object, ...]] = [(sys.executable, sys.version, tuple(search_path))]
     for entry in search_path:
         try:
-            # pip install/uninstall adds or removes entries of site-packages: its mtime moves.
-            add(entry, os.stat(entry or ".").st_mtime_ns)
+            parts.append((entry, os.stat(entry or ".").st_mtime_ns))
         except OSError:
-            add(entry, None)
+            parts.append((entry, None))
     package = _package_dir()
     for path in sorted(package.rglob("*.py")):
         st = path.stat()
-        add(str(path.relative_to(package)), st.st_mtime_ns, st.st_size)
-    add(sorted((k, v) for k, v in environ.items() if k.startswith(_IMPORT_TIME_ENV_PREFIXES)))
+        parts.append((str(path.relative_to(package)), st.st_mtime_ns, st.st_size))
+    parts.append(tuple(sorted((k, v) for k, v in environ.items() if k.startswith(_IMPORT_TIME_ENV_PREFIXES))))
+    return parts
+
+
+def fingerprint(environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
+    """Names the server that may run this process's commands: equal only if the code it would run is equal."""
+    digest = hashlib.sha256()
+    for part in fingerprint_parts(environ):
+        digest.update(repr(part).encode())
     return digest.hexdigest()[:20]
 
 

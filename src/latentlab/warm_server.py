@@ -58,6 +58,10 @@ _SKIPPED_LATENTLAB = frozenset(
 # Imported only on rare paths (torchvision only downloads a dataset, 1.8 s to import):
 # a command that needs one imports it itself.
 _RARELY_USED = frozenset({"torchvision.datasets"})
+# Imported inside libraries at first use, which the source scan cannot see: the first
+# torch optimizer imports torch._dynamo (and sympy, torch.distributed: about 1 s, in every
+# training stage); MLflow's store imports alembic; skimage.metrics loads these lazily.
+_IMPORTED_AT_FIRST_USE = ("torch._dynamo", "alembic.command", "alembic.config", "skimage.exposure", "skimage.util")
 # Every stage opens an MLflow run on a SQLite store: part of the core.
 _CORE_EXTRA = ("mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store")
 _SIGNALS_HELD_AROUND_FORK = {signal.SIGINT, signal.SIGTERM}
@@ -101,7 +105,7 @@ def modules_to_preload(package: Path | None = None) -> tuple[list[str], list[str
         and m != "__future__"
     )
     core = [*_CORE_EXTRA, *own]
-    return core, [m for m in rest if m not in core]
+    return core, [m for m in [*rest, *_IMPORTED_AT_FIRST_USE] if m not in core]
 
 
 def _mlflow_package_map() -> None:
@@ -327,6 +331,7 @@ def serve(key: str, socket_path: Path, lock_path: Path, idle_seconds: float) -> 
         return 0
     os.chdir("/")  # pin no user folder
     start_environ = dict(os.environ)
+    start_parts = warm.fingerprint_parts(start_environ)
     if warm.fingerprint(start_environ) != key:
         _log("started with another interpreter, path or environment than its key says: exiting")
         return 0
@@ -364,8 +369,9 @@ def serve(key: str, socket_path: Path, lock_path: Path, idle_seconds: float) -> 
                         f"the rest loaded in {time.perf_counter() - started - core_seconds:.1f} s"
                         + (f"; not loaded: {', '.join(failed)}" if failed else "")
                     )
-                    if warm.fingerprint(start_environ) != key:
-                        _log("the code changed while loading: stopping")
+                    changed = [part for part in warm.fingerprint_parts(start_environ) if part not in set(start_parts)]
+                    if changed:
+                        _log(f"the code changed while loading ({changed[0]!r}): stopping")
                         server.stopping = True
                 if _cuda_initialised():
                     _log("an import initialised CUDA, which a forked worker cannot use: stopping")

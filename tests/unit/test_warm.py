@@ -29,13 +29,21 @@ BIN = Path(sys.executable).parent
 def test_only_stage_commands_go_warm_and_the_switches_turn_it_off():
     on = {"LATENTLAB_WARM": "1"}
     assert warm.enabled(["train", "mnist", "--model", "conv"], on)
-    assert warm.enabled(["report"], {})  # on by default
+    assert warm.enabled(["report"], {}) or warm._nvidia_gpu_present()  # on by default (without a GPU)
     assert not warm.enabled(["flow"], on)  # long-lived commands start cold
     assert not warm.enabled(["warm", "status"], on)
     assert not warm.enabled([], on)
     assert not warm.enabled(["train", "--help"], on)
     assert not warm.enabled(["train", "mnist"], {"LATENTLAB_WARM": "0"})
     assert not warm.enabled(["train", "mnist"], {"LATENTLAB_WARM": "1", "RANK": "0"})  # under torchrun
+
+
+def test_off_by_default_where_an_nvidia_gpu_is_present(monkeypatch):
+    monkeypatch.setattr(warm, "_nvidia_gpu_present", lambda: True)
+    assert not warm.enabled(["train", "mnist"], {})
+    assert warm.enabled(["train", "mnist"], {"LATENTLAB_WARM": "1"})  # unless asked for
+    monkeypatch.setattr(warm, "_nvidia_gpu_present", lambda: False)
+    assert warm.enabled(["train", "mnist"], {})
 
 
 def test_fingerprint_follows_the_source_and_import_time_environment(tmp_path, monkeypatch):
