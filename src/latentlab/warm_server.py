@@ -58,10 +58,6 @@ _SKIPPED_LATENTLAB = frozenset(
 # Imported only on rare paths (torchvision only downloads a dataset, 1.8 s to import):
 # a command that needs one imports it itself.
 _RARELY_USED = frozenset({"torchvision.datasets"})
-# Imported inside libraries at first use, which the source scan cannot see: the first
-# torch optimizer imports torch._dynamo (and sympy, torch.distributed: about 1 s, in every
-# training stage); MLflow's store imports alembic; skimage.metrics loads these lazily.
-_IMPORTED_AT_FIRST_USE = ("torch._dynamo", "alembic.command", "alembic.config", "skimage.exposure", "skimage.util")
 # Every stage opens an MLflow run on a SQLite store: part of the core.
 _CORE_EXTRA = ("mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store")
 _SIGNALS_HELD_AROUND_FORK = {signal.SIGINT, signal.SIGTERM}
@@ -105,7 +101,7 @@ def modules_to_preload(package: Path | None = None) -> tuple[list[str], list[str
         and m != "__future__"
     )
     core = [*_CORE_EXTRA, *own]
-    return core, [m for m in [*rest, *_IMPORTED_AT_FIRST_USE] if m not in core]
+    return core, [m for m in rest if m not in core]
 
 
 def _mlflow_package_map() -> None:
