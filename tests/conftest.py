@@ -21,6 +21,23 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The dvc.yaml of each stage group. The root one holds the data stages and the report; the others
+# are split out because DVC rewrites a dvc.yaml's whole dvc.lock after every stage.
+DVC_FILES = {
+    "ingest": "dvc.yaml",
+    "validate": "dvc.yaml",
+    "corrupt": "dvc.yaml",
+    "report": "dvc.yaml",
+    "train": "pipelines/train/dvc.yaml",
+    "evaluate": "pipelines/evaluate/dvc.yaml",
+    "compare": "pipelines/studies/dvc.yaml",
+    "anomaly": "pipelines/studies/dvc.yaml",
+    "sparsity": "pipelines/studies/dvc.yaml",
+    "classifier": "pipelines/generative/dvc.yaml",
+    "generate": "pipelines/generative/dvc.yaml",
+    "collapse": "pipelines/generative/dvc.yaml",
+}
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 # Keep tests from touching the project's own MLflow store or Prefect home.

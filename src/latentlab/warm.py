@@ -370,9 +370,9 @@ def _start_server(key: str, socket_path: Path, lock_path: Path, log_path: Path) 
 # Management: `latentlab warm status` and `latentlab warm stop`
 
 
-def servers(environ: dict[str, str] | os._Environ[str] = os.environ) -> list[dict[str, Any]]:
-    """The servers answering in :func:`server_dir`, with their pid, key and age in seconds."""
-    found = []
+def _ask_each(message: dict[str, Any], environ: dict[str, str] | os._Environ[str]) -> list[dict[str, Any]]:
+    """Send ``message`` to every server answering in :func:`server_dir`; their replies."""
+    replies = []
     folder = server_dir(environ)
     for path in sorted(folder.glob("*.sock")) if folder.is_dir() else []:
         sock = _connect(path)
@@ -380,13 +380,18 @@ def servers(environ: dict[str, str] | os._Environ[str] = os.environ) -> list[dic
             continue
         with sock:
             try:
-                _send(sock, {"status": True})
+                _send(sock, message)
                 reply = _recv(sock)
             except OSError:
                 reply = None
         if reply:
-            found.append(reply)
-    return found
+            replies.append(reply)
+    return replies
+
+
+def servers(environ: dict[str, str] | os._Environ[str] = os.environ) -> list[dict[str, Any]]:
+    """The servers answering in :func:`server_dir`: their pid, socket and number of running commands."""
+    return _ask_each({"status": True}, environ)
 
 
 def stop_all(environ: dict[str, str] | os._Environ[str] = os.environ, timeout: float = 30.0) -> tuple[int, int]:
@@ -394,20 +399,7 @@ def stop_all(environ: dict[str, str] | os._Environ[str] = os.environ, timeout: f
 
     Returns (servers asked, servers still running after ``timeout`` seconds).
     """
-    asked = []
-    folder = server_dir(environ)
-    for path in sorted(folder.glob("*.sock")) if folder.is_dir() else []:
-        sock = _connect(path)
-        if sock is None:
-            continue
-        with sock:
-            try:
-                _send(sock, {"stop": True})
-                reply = _recv(sock)
-            except OSError:
-                reply = None
-        if reply and "pid" in reply:
-            asked.append(int(reply["pid"]))
+    asked = [int(reply["pid"]) for reply in _ask_each({"stop": True}, environ) if "pid" in reply]
     running = list(asked)
     deadline = time.monotonic() + timeout
     while running and time.monotonic() < deadline:

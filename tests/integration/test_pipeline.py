@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_digit_images, tiny_params, write_idx, write_project, write_tone_wavs
+from tests.conftest import DVC_FILES, make_digit_images, tiny_params, write_idx, write_project, write_tone_wavs
 
 pytestmark = pytest.mark.integration
 
@@ -31,23 +31,10 @@ def _ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-# The dvc.yaml of each stage group besides the root one's (ingest, validate, corrupt, report).
-SUB_FILES = {
-    "train": "pipelines/train/dvc.yaml",
-    "evaluate": "pipelines/evaluate/dvc.yaml",
-    "compare": "pipelines/studies/dvc.yaml",
-    "anomaly": "pipelines/studies/dvc.yaml",
-    "sparsity": "pipelines/studies/dvc.yaml",
-    "classifier": "pipelines/generative/dvc.yaml",
-    "generate": "pipelines/generative/dvc.yaml",
-    "collapse": "pipelines/generative/dvc.yaml",
-}
-
-
 def _address(name: str) -> str:
     """How DVC names stage ``name`` from the repository root (and prints it when it runs it)."""
     group = name.partition("@")[0]
-    return f"{SUB_FILES[group]}:{name}" if group in SUB_FILES else name
+    return name if DVC_FILES[group] == "dvc.yaml" else f"{DVC_FILES[group]}:{name}"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -161,7 +148,7 @@ def test_first_run_runs_every_stage_and_writes_outputs(project: Path, warm_serve
     assert (project / "reports/validation/digits/data_docs/index.html").exists()
     # Each stage that ran is recorded in the dvc.lock beside its own dvc.yaml, and only there.
     recorded = set()
-    for dvc_yaml in {"dvc.yaml", *SUB_FILES.values()}:
+    for dvc_yaml in set(DVC_FILES.values()):
         lock = (project / dvc_yaml).with_name("dvc.lock")
         if lock.exists():
             names = yaml.safe_load(lock.read_text())["stages"]
