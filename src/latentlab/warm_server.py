@@ -376,6 +376,10 @@ def serve(key: str, socket_path: Path, lock_path: Path, idle_seconds: float) -> 
             if not server.stopping and not _still_ours(socket_path, inode):
                 _log("the socket was removed or replaced: stopping")
                 server.stopping = True
+            if server.stopping and _still_ours(socket_path, inode):
+                # A new command must not wait in the backlog while running ones finish:
+                # without the socket it starts (or finds) another server.
+                socket_path.unlink(missing_ok=True)
             if not server.jobs and (server.stopping or time.monotonic() - server.last_activity > idle_seconds):
                 break
             server.poll(1.0)

@@ -217,6 +217,25 @@ def test_a_killed_command_takes_its_worker_with_it(warm_env, tmp_path):
     _wait(lambda: _running(warm_env) == 0, 30, "the orphaned worker to be killed")
 
 
+def test_a_stopping_server_lets_new_commands_go_elsewhere(tmp_path):
+    env = {**os.environ, "LATENTLAB_WARM": "1", "LATENTLAB_WARM_DIR": str(tmp_path / "servers")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    root = _digits_project(tmp_path / "first")
+    assert _latentlab(["ingest", "digits", "--root", str(root)], env, root)[0].returncode == 0
+    blocked = _blocked_command(tmp_path, env)
+    try:
+        # Asked to stop while a command runs: it finishes that command, but its socket goes at once.
+        assert warm.stop_all(env, timeout=0.5) == (1, 1)
+        _wait(lambda: not list((tmp_path / "servers").glob("*.sock")), 10, "the socket to go")
+        other = _digits_project(tmp_path / "other")
+        result, _ = _latentlab(["ingest", "digits", "--root", str(other)], env, other)
+        assert result.returncode == 0, result.stderr  # served by a new server, not stuck behind the old one
+    finally:
+        blocked.kill()
+        blocked.communicate(timeout=60)
+        warm.stop_all(env)
+
+
 def test_warm_status_and_stop_commands(tmp_path):
     env = {**os.environ, "LATENTLAB_WARM_DIR": str(tmp_path / "none")}
     status = subprocess.run([str(BIN / "latentlab"), "warm", "status"], env=env, capture_output=True, text=True)
