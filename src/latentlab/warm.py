@@ -24,7 +24,7 @@ How (Linux only; anything unusual falls back to the ordinary cold start):
 * Per command the server forks a worker. The worker takes over the command's
   stdin, stdout and stderr (passed over the socket), its working directory,
   environment, umask and arguments, runs the ``latentlab`` CLI and sends back
-  its exit status, which the command exits with. The command relays the
+  its exit status, which the command acknowledges and exits with. The command relays the
   signals it receives (Ctrl-C, SIGTERM) to the worker; if the worker dies of
   one, the command dies of it too; if the command itself dies (SIGKILL), the
   server kills the worker.
@@ -305,6 +305,10 @@ def _relay(sock: socket.socket, argv: list[str]) -> int:
                 print("latentlab: the warm server went away during the command", file=sys.stderr)
                 return 1
             if "exit" in reply:
+                # Say it arrived: the server must not take our leaving next for a death
+                # and kill the worker, which sent this just before its own exit.
+                with contextlib.suppress(OSError):
+                    _send(sock, {"done": True})
                 return int(reply["exit"])
             if "signal" in reply:
                 # Die of the same signal, as the command would have run cold.

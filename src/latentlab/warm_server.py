@@ -253,6 +253,10 @@ class _Server:
             message = None
         if message is None:
             self._drop_command(job)
+        elif "done" in message:
+            # The command has its worker's exit status and leaves; the worker is
+            # exiting (it sent that status last) and is reaped as it goes.
+            self._release_command(job)
         elif "signal" in message:
             _kill(job.pid, int(message["signal"]))
 
@@ -262,6 +266,9 @@ class _Server:
         A worker left running would keep the command's stdout open and go on unobserved.
         """
         _kill(job.pid, signal.SIGKILL)
+        self._release_command(job)
+
+    def _release_command(self, job: _Job) -> None:
         if job.conn is not None:
             job.conn.close()
             job.conn = None

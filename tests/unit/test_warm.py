@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -234,6 +235,35 @@ def test_a_stopping_server_lets_new_commands_go_elsewhere(tmp_path):
         blocked.kill()
         blocked.communicate(timeout=60)
         warm.stop_all(env)
+
+
+@pytest.mark.parametrize("acknowledged", [True, False])
+def test_a_command_leaving_with_its_status_does_not_kill_the_exiting_worker(acknowledged, capsys):
+    """The worker sends its exit status, then exits; the command may leave in between.
+
+    CI once logged finished stages as "killed by signal 9": the command had its status and
+    closed its connection while the worker was still between that send and its exit, and
+    the server took the close for the command's death. A command that says it has its
+    status (as :func:`warm._relay` does) leaves its worker to exit; one that vanishes
+    without a word still takes its worker with it.
+    """
+    worker = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    server_end, command_end = socket.socketpair()
+    server = warm_server._Server(listener=None, lock=None, start_environ={})
+    server.stopping = True  # no listener to watch: only this job's events
+    job = warm_server._Job(server_end, worker.pid, os.pidfd_open(worker.pid), "latentlab demo", "/here")
+    server.jobs.append(job)
+    if acknowledged:
+        warm._send(command_end, {"done": True})
+    command_end.close()
+    server.poll(1.0)
+    if not acknowledged:
+        assert worker.wait(timeout=10) == -signal.SIGKILL
+        return
+    assert worker.poll() is None and job.conn is None and server.jobs == [job]
+    worker.stdin.close()  # the worker ends normally, after its command has gone
+    _wait(lambda: (server.poll(0.2), not server.jobs)[1], 10, "the worker to be reaped")
+    assert "latentlab demo (in /here): exit 0 after" in capsys.readouterr().out
 
 
 def test_warm_status_and_stop_commands(tmp_path):
