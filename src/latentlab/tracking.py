@@ -14,6 +14,13 @@ logging call sends them all when 1000 are waiting or the oldest has waited
 included). With three calls per epoch, the linear autoencoder on speech (842
 short epochs) spent 19.5 s of its 33 s in MLflow; buffered, 5 s.
 
+On the SQLite store the buffer is written by :func:`_sqlite_metric_writer`
+instead: one INSERT of all its rows and one update of the run's latest values,
+what ``log_batch`` stores, without the ORM object per metric that made
+``log_batch`` ~80% of a training stage's MLflow time (~0.08 ms a metric, 0.4 s
+for a short training's 4,900 per-step losses; the direct write takes 0.065 s).
+Any other store (an MLflow server, PostgreSQL) gets ``log_batch``.
+
 With ``LATENTLAB_TIMINGS`` set to a file, each stage run appends one JSON line
 with its wall-clock span and the time spent in MLflow, import included
 (``bench/orchestration_overhead.py`` reads them). MLflow is called from the
@@ -60,6 +67,94 @@ def _timed(fn: F) -> F:
 
 # MLflow's own per-call limit for log_batch is 1000 metrics.
 _BATCH = 1000
+
+MetricWriter = Callable[[str, list[Any]], None]
+
+
+def _log_batch_writer(client: Any) -> MetricWriter:
+    def write(run_id: str, metrics: list[Any]) -> None:
+        for i in range(0, len(metrics), _BATCH):
+            client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
+
+    return write
+
+
+def _sqlite_metric_writer(client: Any) -> MetricWriter | None:
+    """A writer that stores metrics as ``log_batch`` does on a SQLite store, ~6x faster; None elsewhere.
+
+    ``SqlAlchemyStore.log_batch`` builds one ORM object per metric and flushes them
+    through the unit of work. This writes the same rows with one executemany INSERT
+    (``OR IGNORE``: a metric already stored is skipped, as MLflow deduplicates) and
+    updates ``latest_metrics`` by MLflow's rule, newest by (step, timestamp, value),
+    in one transaction. It uses MLflow's store internals (session maker, table
+    models), so any surprise there falls back to ``log_batch``:
+    tests/unit/test_tracking.py checks both give the same stored history.
+    """
+    try:
+        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        from mlflow.tracking.fluent import get_active_model_id
+        from mlflow.utils.validation import _validate_metric_name
+        from sqlalchemy import insert
+
+        store = client._tracking_client.store
+        if not isinstance(store, SqlAlchemyStore) or store.db_type != "sqlite":
+            return None
+        session_maker, get_run, check_active = store.ManagedSessionMaker, store._get_run, store._check_run_is_active
+    except (ImportError, AttributeError):
+        return None
+
+    insert_metrics = insert(SqlMetric).prefix_with("OR IGNORE")
+    checked_keys: set[str] = set()
+
+    def write(run_id: str, metrics: list[Any]) -> None:
+        if get_active_model_id() is not None:
+            # Metrics then also belong to a logged model: MLflow's own path records that.
+            _log_batch_writer(client)(run_id, metrics)
+            return
+        # (key, timestamp, step, value, is_nan): the metrics table's identity within a run.
+        rows: dict[tuple[str, int, int, float, bool], None] = {}
+        for metric in metrics:
+            if metric.key not in checked_keys:
+                _validate_metric_name(metric.key)
+                checked_keys.add(metric.key)
+            is_nan, value = store.sanitize_metric_value(float(metric.value))
+            rows[(metric.key, int(metric.timestamp), int(metric.step), value, is_nan)] = None
+        newest: dict[str, tuple[str, int, int, float, bool]] = {}
+        for row in rows:
+            held = newest.get(row[0])
+            if held is None or (row[2], row[1], row[3]) > (held[2], held[1], held[3]):
+                newest[row[0]] = row
+        with session_maker(read_only=False) as session:
+            check_active(get_run(run_uuid=run_id, session=session))
+            session.execute(
+                insert_metrics,
+                [
+                    {"run_uuid": run_id, "key": k, "timestamp": t, "step": s, "value": v, "is_nan": n}
+                    for k, t, s, v, n in rows
+                ],
+            )
+            latest = {
+                m.key: m
+                for m in session.query(SqlLatestMetric).filter(
+                    SqlLatestMetric.run_uuid == run_id, SqlLatestMetric.key.in_(list(newest))
+                )
+            }
+            for key, (_, timestamp, step, value, is_nan) in newest.items():
+                held_row = latest.get(key)
+                if held_row is None:
+                    session.add(
+                        SqlLatestMetric(
+                            run_uuid=run_id, key=key, timestamp=timestamp, step=step, value=value, is_nan=is_nan
+                        )
+                    )
+                elif (step, timestamp, value) > (held_row.step, held_row.timestamp, held_row.value):
+                    held_row.step, held_row.timestamp, held_row.value, held_row.is_nan = step, timestamp, value, is_nan
+            session.commit()
+
+    return write
+
+
 # The longest a logged metric waits in the buffer before it is sent (seconds).
 _FLUSH_SECONDS = 5.0
 
@@ -118,6 +213,7 @@ class RunLogger:
         self._logged_models: list[tuple[str, str]] = []  # (name in the run, logged model id)
         self._pending: list[Any] = []  # mlflow.entities.Metric, not sent yet
         self._oldest_pending: float | None = None  # self._clock() when the oldest was queued
+        self._write_metrics: MetricWriter | None = None  # chosen at the first flush
 
     def _queue(self, metrics: list[Any]) -> None:
         if not metrics:
@@ -131,10 +227,12 @@ class RunLogger:
     @_timed
     def flush(self) -> None:
         """Send every buffered metric now (stage_run calls it when the run ends)."""
-        while self._pending:
-            batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
-            self._client.log_batch(self.run_id, metrics=batch)
-        self._oldest_pending = None
+        if not self._pending:
+            return
+        if self._write_metrics is None:
+            self._write_metrics = _sqlite_metric_writer(self._client) or _log_batch_writer(self._client)
+        pending, self._pending, self._oldest_pending = self._pending, [], None
+        self._write_metrics(self.run_id, pending)
 
     @_timed
     def log_params(self, params: Mapping[str, Any]) -> None:

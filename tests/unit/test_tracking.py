@@ -1,4 +1,5 @@
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from latentlab.tracking import stage_run, tracking_uri
@@ -125,3 +126,78 @@ def test_buffered_metrics_of_a_failed_run_reach_mlflow(tmp_path, monkeypatch):
     client = MlflowClient(tracking_uri=tracking_uri(tmp_path))
     assert client.get_run(run_id).info.status == "FAILED"
     assert [m.value for m in client.get_metric_history(run_id, "step.loss")] == [3.0, 2.0]
+
+
+def _stored(client, run_id: str, keys: list[str]) -> tuple[list[tuple], dict[str, float]]:
+    history = sorted(
+        (m.key, m.step, m.timestamp, m.value if m.value == m.value else "nan")
+        for key in keys
+        for m in client.get_metric_history(run_id, key)
+    )
+    latest = {k: (v if v == v else "nan") for k, v in client.get_run(run_id).data.metrics.items()}
+    return history, latest
+
+
+def test_the_sqlite_metric_writer_stores_what_log_batch_stores(tmp_path):
+    """The direct SQLite write (tracking._sqlite_metric_writer) against MLflow's own log_batch,
+    batch by batch into two runs of one store: same history, same latest values."""
+    from mlflow.entities import Metric
+
+    from latentlab import tracking
+
+    client = MlflowClient(tracking_uri=tracking_uri(tmp_path))
+    experiment = client.create_experiment("x", artifact_location=str(tmp_path / "artifacts"))
+    fast = tracking._sqlite_metric_writer(client)
+    assert fast is not None
+    batches = [
+        # steps out of order, NaN and infinities, an exact duplicate (stored once), two values at one step
+        [
+            Metric("loss", 3.0, 1000, 0),
+            Metric("loss", 1.0, 1000, 2),
+            Metric("loss", 2.0, 1000, 1),
+            Metric("kl", float("nan"), 1000, 0),
+            Metric("kl", float("inf"), 1000, 1),
+            Metric("kl", -float("inf"), 1000, 2),
+            Metric("loss", 1.0, 1000, 2),
+            Metric("acc", 0.5, 1000, 3),
+            Metric("acc", 0.7, 1000, 3),
+        ],
+        # a later batch: an older step must not become the latest value; a newer one must; a repeat is skipped
+        [
+            Metric("loss", 9.0, 2000, 1),
+            Metric("acc", 0.9, 900, 4),
+            Metric("kl", 0.25, 3000, 2),
+            Metric("loss", 3.0, 1000, 0),
+            Metric("new", 4.0, 2000, 0),
+        ],
+    ]
+    runs = {name: client.create_run(experiment).info.run_id for name in ("mlflow", "direct")}
+    for batch in batches:
+        client.log_batch(runs["mlflow"], metrics=batch)
+        fast(runs["direct"], batch)
+    keys = ["loss", "kl", "acc", "new"]
+    expected = _stored(client, runs["mlflow"], keys)
+    assert _stored(client, runs["direct"], keys) == expected
+    assert len(expected[0]) == 12 and expected[1]["loss"] == 1.0 and expected[1]["acc"] == 0.9
+    # A deleted run takes no more metrics, as with log_batch.
+    for name, write in (("mlflow", lambda r, m: client.log_batch(r, metrics=m)), ("direct", fast)):
+        client.delete_run(runs[name])
+        with pytest.raises(MlflowException, match="must be in the 'active' state"):
+            write(runs[name], [Metric("loss", 0.0, 5000, 9)])
+
+
+def test_a_stage_run_on_sqlite_writes_its_metrics_directly(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sent_by_log_batch = []
+    monkeypatch.setattr(
+        MlflowClient, "log_batch", lambda self, run_id, metrics=(), **kw: sent_by_log_batch.extend(metrics)
+    )
+    with stage_run("train", "toy", root=tmp_path) as run:
+        run.log_series("loss.step", [float(i) for i in range(2500)])
+    assert sent_by_log_batch == []  # params, tags and metrics: none went through log_batch
+    monkeypatch.undo()
+    client = MlflowClient(tracking_uri=tracking_uri(tmp_path))
+    (stored,) = client.search_runs([client.get_experiment_by_name("latentlab").experiment_id])
+    history = client.get_metric_history(stored.info.run_id, "loss.step")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [float(i) for i in range(2500)]
+    assert stored.data.metrics == {"loss.step": 2499.0}
