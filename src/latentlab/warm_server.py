@@ -23,6 +23,7 @@ import ast
 import atexit
 import contextlib
 import fcntl
+import gc
 import importlib
 import json
 import logging
@@ -60,6 +61,11 @@ _SKIPPED_LATENTLAB = frozenset(
 _RARELY_USED = frozenset({"torchvision.datasets"})
 # Every stage opens an MLflow run on a SQLite store: part of the core.
 _CORE_EXTRA = ("mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store")
+# Imported inside the libraries, so the scan of latentlab's imports cannot see them: every
+# training stage paid for them. mlflow.pytorch.save_model imports mlflow.pyfunc at the first
+# logged model (0.5 s in a worker, counted as MLflow time); torch's first optimizer step
+# imports torch._dynamo (about 1 s).
+_IMPORTED_BY_LIBRARIES = ("mlflow.pyfunc", "torch._dynamo")
 _SIGNALS_HELD_AROUND_FORK = {signal.SIGINT, signal.SIGTERM}
 
 
@@ -101,7 +107,7 @@ def modules_to_preload(package: Path | None = None) -> tuple[list[str], list[str
         and m != "__future__"
     )
     core = [*_CORE_EXTRA, *own]
-    return core, [m for m in rest if m not in core]
+    return core, [m for m in [*rest, *_IMPORTED_BY_LIBRARIES] if m not in core]
 
 
 def _mlflow_package_map() -> None:
@@ -218,6 +224,12 @@ class _Server:
         # Hold SIGINT/SIGTERM until the worker has its own handlers: one relayed
         # that early must act there, not run the server's handler in the worker.
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS_HELD_AROUND_FORK)
+        # Everything the server holds goes to the collector's permanent generation: a
+        # worker's collections then never walk (and write to) the preloaded objects.
+        # Otherwise its first full collection touched every page of the server's heap,
+        # copying each one (copy-on-write): 0.5 s in a training stage with torch._dynamo
+        # loaded. As the gc module's documentation advises for a server that forks.
+        gc.freeze()
         try:
             pid = os.fork()
             if pid == 0:
@@ -243,6 +255,7 @@ class _Server:
                     job.conn.close()
                 if job.exited is not None:
                     os.close(job.exited)
+            gc.enable()  # collections on, as in a cold process (the server runs without)
         finally:
             _work(request, fds, conn)
 
@@ -333,6 +346,9 @@ def serve(key: str, socket_path: Path, lock_path: Path, idle_seconds: float) -> 
         _log("another server holds the lock: exiting")
         return 0
     os.chdir("/")  # pin no user folder
+    # No collections in the server (they would leave freed holes across the pages the
+    # workers share); it allocates little besides its imports, and exits when idle.
+    gc.disable()
     start_environ = dict(os.environ)
     start_parts = warm.fingerprint_parts(start_environ)
     if warm.fingerprint(start_environ) != key:

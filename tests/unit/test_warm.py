@@ -82,6 +82,34 @@ def test_preload_list_comes_from_the_imports_in_the_source(tmp_path):
     assert {"json", "torch.nn.functional", "sklearn.metrics"} <= set(rest)
     # Prefect starts threads; the flows' module is not a stage's.
     assert not {"prefect", "never_preloaded_either", "latentlab.orchestration"} & set(core + rest)
+    # Imports that libraries make inside their own functions (a logged model, an optimizer step).
+    assert {"mlflow.pyfunc", "torch._dynamo"} <= set(rest)
+
+
+def test_a_worker_starts_with_the_servers_objects_frozen_and_collections_on(tmp_path, monkeypatch):
+    """The server's objects sit in the collector's permanent generation, so a worker's
+    collections leave the pages it shares with the server alone; the worker collects its own."""
+    import gc
+
+    seen_read, seen_write = os.pipe()
+
+    def report_and_exit(request, fds, conn):
+        os.write(seen_write, json.dumps([gc.isenabled(), gc.get_freeze_count()]).encode())
+        os._exit(0)
+
+    monkeypatch.setattr(warm_server, "_work", report_and_exit)
+    server_end, _command_end = socket.socketpair()
+    with open(tmp_path / "lock", "a+") as lock, socket.socket(socket.AF_UNIX) as listener:
+        server = warm_server._Server(listener, lock, start_environ={})
+        gc.disable()  # as serve() runs
+        try:
+            server._start(server_end, {"env": {}, "argv": ["report"], "cwd": str(tmp_path)}, [])
+        finally:
+            gc.enable()
+            gc.unfreeze()
+        enabled, frozen = json.loads(os.read(seen_read, 100))
+        os.waitpid(server.jobs[0].pid, 0)
+    assert enabled and frozen > 10_000  # this test process's objects, all of them
 
 
 # ----------------------------------------------------------------------------------------------
