@@ -87,8 +87,9 @@ def _sqlite_metric_writer(client: Any) -> MetricWriter | None:
     (``OR IGNORE``: a metric already stored is skipped, as MLflow deduplicates) and
     updates ``latest_metrics`` by MLflow's rule, newest by (step, timestamp, value),
     in one transaction. It uses MLflow's store internals (session maker, table
-    models), so any surprise there falls back to ``log_batch``:
-    tests/unit/test_tracking.py checks both give the same stored history.
+    models): an MLflow without them gets ``log_batch`` (this returns None), and
+    tests/unit/test_tracking.py checks both store the same history and latest
+    values, so an upgrade that changes their meaning fails there.
     """
     try:
         from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
