@@ -107,11 +107,12 @@ def _sqlite_metric_writer(client: Any) -> MetricWriter | None:
 
     insert_metrics = insert(SqlMetric).prefix_with("OR IGNORE")
     checked_keys: set[str] = set()
+    log_batch = _log_batch_writer(client)
 
     def write(run_id: str, metrics: list[Any]) -> None:
         if get_active_model_id() is not None:
             # Metrics then also belong to a logged model: MLflow's own path records that.
-            _log_batch_writer(client)(run_id, metrics)
+            log_batch(run_id, metrics)
             return
         # (key, timestamp, step, value, is_nan): the metrics table's identity within a run.
         rows: dict[tuple[str, int, int, float, bool], None] = {}
