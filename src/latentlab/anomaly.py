@@ -7,7 +7,22 @@ the training images of class c only, and every test image is scored, the
 images of the other classes being the anomalies. The anomaly score is the
 per-image reconstruction error, MSE(x, decode(encode(x))), as in the
 autoencoder baseline of that paper (an image unlike the training class is
-reconstructed badly).
+reconstructed badly). Two options sharpen it (``evaluate.anomaly``):
+
+- ``reconstruction_error: ssim`` measures the error as the structural
+  dissimilarity 1 - SSIM(x, x_hat) (Bergmann et al. 2019, "Improving
+  unsupervised defect segmentation by applying structural similarity to
+  autoencoders"): a blurred but well-placed reconstruction of a normal image
+  costs less than a wrong shape.
+- ``latent_density: true`` adds how unlikely the image's code is: the squared
+  Mahalanobis distance of z = encode(x) under a Gaussian fitted (Ledoit-Wolf
+  shrinkage) to the codes of the class's training images. An anomaly the
+  decoder happens to reconstruct well still lands off the normal codes. As in
+  Abati et al. 2019 ("Latent space autoregression for novelty detection",
+  section 3.3), each term is standardised by its mean and standard deviation
+  on the class's normal validation images and the standardised terms are
+  summed, so neither scale dominates and no anomaly is needed to weigh them.
+  The per-class metrics then also give each term's own AUROC.
 
 Per class: AUROC and AUPRC of the scores (threshold-free), and, for a detector
 that must decide, precision / recall / F1 at a threshold fixed in advance on
@@ -54,10 +69,14 @@ class ClassResult:
     name: str
     label: int
     metrics: dict[str, float]  # auroc, auprc, threshold, precision, recall, f1, counts, training summary
-    test_scores: Array  # (N_test,) reconstruction MSE of every scored test image
+    test_scores: Array  # (N_test,) anomaly score of every scored test image (see score_name)
     is_anomaly: Array  # (N_test,) bool, label != c
     roc: tuple[Array, Array]  # (fpr (M,), tpr (M,))
     train_seconds: float  # wall time of training (not a metric: it differs between runs)
+
+
+# Per score term: (scores of the normal validation images (m,), of the test images (N,)), float64.
+ScoreTerms = dict[str, tuple[Array, Array]]
 
 
 def _fit_and_score(
@@ -68,12 +87,14 @@ def _fit_and_score(
     x_train: Array,
     x_val: Array,
     x_test: Array,
-) -> tuple[Array, Array, dict[str, float]]:
-    """Train the one-class model of class ``label``; return (val scores, test scores, training summary).
+) -> tuple[ScoreTerms, dict[str, float]]:
+    """Train the one-class model of class ``label``; return (its score terms, training summary).
 
     ``x_train`` (n, C, H, W) and ``x_val`` (m, C, H, W) are images of the class only;
-    ``x_test`` (N, C, H, W) is the whole scored test set. Scores are per-image MSE,
-    float64 (m,) and (N,).
+    ``x_test`` (N, C, H, W) is the whole scored test set. The terms are
+    ``reconstruction`` (and ``latent`` with ``latent_density``) for an
+    autoencoder or PCA, ``negative_elbo`` for a VAE; :func:`combine_terms`
+    makes the score of them.
     """
     cfg = params.evaluate.anomaly
     spec = anomaly_spec(params)
@@ -84,14 +105,16 @@ def _fit_and_score(
 
         k = min(cfg.latent_size, int(np.prod(x_train.shape[1:])))
         pca = PCA.fit(x_train, k)
-        val = m.per_image_mse(x_val, pca.reconstruct(x_val, k))
-        test = m.per_image_mse(x_test, pca.reconstruct(x_test, k))
-        return val, test, {"best_val_loss": float(val.mean()), "best_epoch": 0.0, "epochs_run": 0.0}
+        terms = _autoencoder_terms(
+            lambda x: pca.reconstruct(x, k), lambda x: pca.encode(x, k), x_train, x_val, x_test, cfg
+        )
+        return terms, {"best_val_loss": float(terms["reconstruction"][0].mean()), "best_epoch": 0.0, "epochs_run": 0.0}
 
     import torch
 
     from latentlab import engine
     from latentlab.models.base import build_model
+    from latentlab.models.vae import VariationalAutoencoder, binarise, negative_elbo
 
     device = engine.pick_device(params.train.device)
     shape = tuple(int(s) for s in x_train.shape[1:])
@@ -109,13 +132,83 @@ def _fit_and_score(
         device=device,
         checkpoint=paths.anomaly_checkpoint(dataset, label),
     )
-    val, test = (_scores(result.model, x, device, seed) for x in (x_val, x_test))
     summary = {
         "best_val_loss": float(result.best_val_loss),
         "best_epoch": float(result.best_epoch),
         "epochs_run": float(result.epochs_run),
     }
-    return val, test, summary
+    trained = result.model
+    if isinstance(trained, VariationalAutoencoder):
+        # The negative ELBO in nats, an upper bound on -log p(x) (An & Cho 2015 use the
+        # reconstruction probability, the same idea), on images binarised once with
+        # ``seed`` for the Bernoulli decoder, with a seeded draw of z.
+        def elbo(x: Array) -> Array:
+            data = binarise(x, seed) if trained.likelihood == "bernoulli" else x
+            return negative_elbo(trained, data, generator=torch.Generator().manual_seed(seed))
+
+        return {"negative_elbo": (elbo(x_val), elbo(x_test))}, summary
+    terms = _autoencoder_terms(
+        lambda x: engine.reconstruct(trained, x, device),
+        lambda x: engine.encode(trained, x, device),
+        x_train,
+        x_val,
+        x_test,
+        cfg,
+    )
+    return terms, summary
+
+
+def _autoencoder_terms(
+    reconstruct: Callable[[Array], Array],
+    encode: Callable[[Array], Array],
+    x_train: Array,
+    x_val: Array,
+    x_test: Array,
+    cfg: Any,
+) -> ScoreTerms:
+    """The score terms of a model with ``reconstruct`` (N, C, H, W) -> same and ``encode`` -> (N, k).
+
+    ``reconstruction``: per-image MSE or 1 - SSIM; ``latent`` (with
+    ``cfg.latent_density``): the squared Mahalanobis distance of each code
+    under the Ledoit-Wolf Gaussian of the training images' codes.
+    """
+
+    def error(x: Array) -> Array:
+        x_hat = reconstruct(x)
+        if cfg.reconstruction_error == "ssim":
+            return 1.0 - m.per_image_ssim(x, x_hat)
+        return m.per_image_mse(x, x_hat)
+
+    terms: ScoreTerms = {"reconstruction": (error(x_val), error(x_test))}
+    if cfg.latent_density:
+        from sklearn.covariance import LedoitWolf
+
+        # Shrinkage keeps the inverse covariance well conditioned when codes are few
+        # or collinear (a small class, or a latent size near the number of images).
+        gaussian = LedoitWolf().fit(np.asarray(encode(x_train), dtype=np.float64))
+        terms["latent"] = tuple(  # type: ignore[assignment]
+            gaussian.mahalanobis(np.asarray(encode(x), dtype=np.float64)) for x in (x_val, x_test)
+        )
+    return terms
+
+
+def combine_terms(terms: ScoreTerms) -> tuple[Array, Array]:
+    """The anomaly score (normal validation (m,), test (N,)) of one or several terms.
+
+    One term is the score itself. Several are each standardised by the mean and
+    standard deviation of their normal validation scores, then summed (Abati et
+    al. 2019, section 3.3); a term constant on validation is only centred.
+    """
+    if len(terms) == 1:
+        return next(iter(terms.values()))
+    val_sum: Array = 0.0  # type: ignore[assignment]
+    test_sum: Array = 0.0  # type: ignore[assignment]
+    for val, test in terms.values():
+        centre, spread = float(val.mean()), float(val.std())
+        spread = spread if spread > 0.0 else 1.0
+        val_sum = val_sum + (val - centre) / spread
+        test_sum = test_sum + (test - centre) / spread
+    return val_sum, test_sum
 
 
 def anomaly_spec(params: Params) -> Any:
@@ -134,27 +227,26 @@ def anomaly_spec(params: Params) -> Any:
 
 
 def score_name(params: Params) -> str:
-    """What the anomaly score is, in words (the report says it)."""
-    return "negative ELBO (nats)" if anomaly_spec(params).family.startswith("vae") else "reconstruction MSE"
+    """What the anomaly score is, in words (the report and the figures say it)."""
+    cfg = params.evaluate.anomaly
+    if anomaly_spec(params).family.startswith("vae"):
+        return "negative ELBO (nats)"
+    error = "reconstruction MSE" if cfg.reconstruction_error == "mse" else "structural dissimilarity 1 - SSIM"
+    if cfg.latent_density:
+        return f"standardised {error} + standardised squared Mahalanobis distance of the code"
+    return error
 
 
-def _scores(model: Any, x: Array, device: Any, seed: int) -> Array:
-    """Anomaly scores (N,) float64 of images ``x`` (N, C, H, W): the higher, the more anomalous.
+def check_score(params: Params) -> None:
+    """Refuse score options the model cannot give (before any training)."""
+    from latentlab.errors import ConfigError
 
-    An autoencoder scores by its per-image reconstruction MSE; a VAE by its
-    negative ELBO in nats, an upper bound on -log p(x) (An & Cho 2015 use the
-    reconstruction probability, the same idea), on images binarised once with
-    ``seed`` for the Bernoulli decoder, with a seeded draw of z.
-    """
-    import torch
-
-    from latentlab import engine
-    from latentlab.models.vae import VariationalAutoencoder, binarise, negative_elbo
-
-    if isinstance(model, VariationalAutoencoder):
-        data = binarise(x, seed) if model.likelihood == "bernoulli" else x
-        return negative_elbo(model, data, generator=torch.Generator().manual_seed(seed))
-    return m.per_image_mse(x, engine.reconstruct(model, x, device))
+    cfg = params.evaluate.anomaly
+    if anomaly_spec(params).family.startswith("vae") and (cfg.reconstruction_error != "mse" or cfg.latent_density):
+        raise ConfigError(
+            f"params.yaml: evaluate.anomaly: {cfg.model!r} is a VAE, scored by its negative ELBO; "
+            "reconstruction_error: ssim and latent_density: true apply to autoencoders and PCA only"
+        )
 
 
 def one_class(
@@ -196,8 +288,11 @@ def one_class(
         )
 
     start = time.perf_counter()
-    val_scores, test_scores, training = _fit_and_score(params, dataset, paths, label, x_train, x_val, x_test)
+    terms, training = _fit_and_score(params, dataset, paths, label, x_train, x_val, x_test)
+    val_scores, test_scores = combine_terms(terms)
     seconds = time.perf_counter() - start
+    # With several terms, each one's own AUROC: what each contributes to the sum.
+    term_aurocs = {f"auroc_{name}": m.auroc(test, is_anomaly) for name, (_, test) in terms.items() if len(terms) > 1}
 
     # Threshold from normal validation data only: the test labels never choose it.
     threshold = m.threshold_at_percentile(val_scores, cfg.threshold_percentile)
@@ -208,6 +303,7 @@ def one_class(
         "label": float(label),
         "auroc": m.auroc(test_scores, is_anomaly),
         "auprc": m.auprc(test_scores, is_anomaly),
+        **term_aurocs,
         "auprc_chance": float(is_anomaly.mean()),  # AUPRC of random scores: the share of anomalies
         "threshold": threshold,
         "precision": detection["precision"],
@@ -225,11 +321,22 @@ def one_class(
     return ClassResult(name, label, metrics, test_scores, is_anomaly, (fpr, tpr), seconds)
 
 
-def save_score_histogram_grid(results: list[ClassResult], path: Path, title: str = "") -> Path:
+def histogram_bins(scores: Array, log_scale: bool, n_bins: int = 30) -> Array:
+    """``n_bins + 1`` edges spanning ``scores`` (N,): log-spaced (all scores must be positive) or even."""
+    lo = float(scores.min())
+    hi = max(float(scores.max()), lo + abs(lo) * 0.01 + 1e-12)  # a constant score still gets a width
+    return np.geomspace(lo, hi, n_bins + 1) if log_scale else np.linspace(lo, hi, n_bins + 1)
+
+
+def save_score_histogram_grid(
+    results: list[ClassResult], path: Path, title: str = "", score_label: str = "reconstruction MSE"
+) -> Path:
     """One small panel per class: densities of normal and anomalous test scores, and the threshold.
 
-    Bins are log-spaced (reconstruction errors are positive and heavy-tailed) and
-    shared by the two histograms of a panel.
+    Bins are shared by the two histograms of a panel: log-spaced where every
+    score of the panel is positive (reconstruction errors are positive and
+    heavy-tailed), else evenly spaced (a sum of standardised terms can be
+    negative). ``score_label`` names the score on the legend.
     """
     from latentlab.plots import _pyplot
 
@@ -243,18 +350,18 @@ def save_score_histogram_grid(results: list[ClassResult], path: Path, title: str
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, height + legend_inches), squeeze=False)
     for ax in axes.flat[len(results) :]:
         ax.set_visible(False)
+    log_scale = all(bool((res.test_scores > 0).all()) for res in results)
     for ax, res in zip(axes.flat, results, strict=False):
         scores = res.test_scores
-        positive = scores[scores > 0]
-        lo = float(positive.min()) if positive.size else 1e-6
-        hi = max(float(scores.max()), lo * 1.01)
-        bins = np.geomspace(lo, hi, 31)
-        ax.hist(np.maximum(scores[~res.is_anomaly], lo), bins=bins, density=True, alpha=0.55, color="tab:blue")
-        ax.hist(np.maximum(scores[res.is_anomaly], lo), bins=bins, density=True, alpha=0.45, color="tab:red")
+        bins = histogram_bins(scores, log_scale)
+        lo, hi = float(bins[0]), float(bins[-1])
+        ax.hist(scores[~res.is_anomaly], bins=bins, density=True, alpha=0.55, color="tab:blue")
+        ax.hist(scores[res.is_anomaly], bins=bins, density=True, alpha=0.45, color="tab:red")
         ax.axvline(res.metrics["threshold"], color="k", linestyle="--", linewidth=1)
-        ax.set_xscale("log")
+        if log_scale:
+            ax.set_xscale("log")
         # Three labelled ticks across the data: a log range narrower than a decade has no major tick.
-        ticks = np.geomspace(lo, hi, 3)
+        ticks = np.geomspace(lo, hi, 3) if log_scale else np.linspace(lo, hi, 3)
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_major_formatter(FixedFormatter([f"{t:.2g}" for t in ticks]))
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -273,7 +380,7 @@ def save_score_histogram_grid(results: list[ClassResult], path: Path, title: str
         ncol=legend_cols,
         fontsize=7,
         frameon=False,
-        title="reconstruction MSE per image (log scale)",
+        title=f"{score_label} per image{' (log scale)' if log_scale else ''}",
         title_fontsize=7,
     )
     if title:
@@ -304,6 +411,7 @@ def run_anomaly(
 
     cfg = params.evaluate.anomaly
     spec = anomaly_spec(params)
+    check_score(params)
     if params.train.threads:
         import torch
 
@@ -332,6 +440,8 @@ def run_anomaly(
         "score": score_name(params),
         "latent_size": cfg.latent_size,
         "threshold_percentile": cfg.threshold_percentile,
+        "reconstruction_error": cfg.reconstruction_error,
+        "latent_density": cfg.latent_density,
         "n_test": len(test),
         "per_class": per_class,
     }
@@ -351,7 +461,9 @@ def run_anomaly(
             figures / ROC_FIGURE,
             title=f"{title}: ROC per normal class",
         )
-        save_score_histogram_grid(results, figures / SCORES_FIGURE, title=f"{title}: test scores")
+        save_score_histogram_grid(
+            results, figures / SCORES_FIGURE, title=f"{title}: test scores", score_label=score_name(params)
+        )
         write_json(
             figures / "summary.json",
             {

@@ -282,6 +282,13 @@ class AnomalyConfig(Section):
     model: str = "conv_plus"  # a key of train.zoo whose family and options are used
     latent_size: Annotated[int, Field(ge=1)] = 16
     threshold_percentile: Annotated[float, Field(gt=0.0, lt=100.0)] = 95.0  # of normal validation scores
+    # The per-image reconstruction term of an autoencoder's score: "mse", or "ssim" for the
+    # structural dissimilarity 1 - SSIM (Bergmann et al. 2019). A VAE scores by its negative ELBO.
+    reconstruction_error: Literal["mse", "ssim"] = "mse"
+    # Add the squared Mahalanobis distance of the image's code under a Gaussian fitted to the
+    # class's training codes; each term is then standardised on the normal validation images
+    # and the two are summed (Abati et al. 2019). Autoencoders and PCA only.
+    latent_density: bool = False
     training: TrainingConfig = TrainingConfig()  # for each one-class model
     max_test_samples: Annotated[int, Field(ge=10)] | None = None  # cap on scored test samples; None = all
 

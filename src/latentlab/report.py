@@ -118,8 +118,10 @@ SSIM is the mean structural similarity (Wang et al. 2004).</p>
 <h3>One-class anomaly detection</h3>
 <p>For each class, a {{ d.anomaly.model }} model (k={{ d.anomaly.latent_size }}) trained on that class alone scores every test sample by its {{ d.anomaly.get('score', 'reconstruction MSE') }}; the threshold is the {{ d.anomaly.threshold_percentile }}th percentile of the normal validation scores.
 Mean AUROC <b>{{ "%.3f"|format(d.anomaly.mean_auroc) }}</b>, mean AUPRC <b>{{ "%.3f"|format(d.anomaly.mean_auprc) }}</b>.</p>
-<table><tr><th class="l">normal class</th><th>AUROC</th><th>AUPRC</th><th>AUPRC at chance</th><th>threshold</th><th>precision</th><th>recall</th><th>F1</th></tr>
-{% for c, r in d.anomaly.per_class.items() %}<tr><td class="l">{{ c }}</td><td>{{ "%.3f"|format(r.auroc) }}</td><td>{{ "%.3f"|format(r.auprc) }}</td><td>{{ "%.3f"|format(r.auprc_chance) }}</td><td>{{ "%.4g"|format(r.threshold) }}</td><td>{{ "%.3f"|format(r.precision) }}</td><td>{{ "%.3f"|format(r.recall) }}</td><td>{{ "%.3f"|format(r.f1) }}</td></tr>{% endfor %}
+{% set terms = d.anomaly.get('latent_density') %}
+{% if terms %}<p class="muted">The score sums two terms, each standardised on the class's normal validation images (Abati et al. 2019); the AUROC of each term alone is shown beside that of the sum.</p>{% endif %}
+<table><tr><th class="l">normal class</th><th>AUROC</th>{% if terms %}<th>AUROC, reconstruction term</th><th>AUROC, latent term</th>{% endif %}<th>AUPRC</th><th>AUPRC at chance</th><th>threshold</th><th>precision</th><th>recall</th><th>F1</th></tr>
+{% for c, r in d.anomaly.per_class.items() %}<tr><td class="l">{{ c }}</td><td>{{ "%.3f"|format(r.auroc) }}</td>{% if terms %}<td>{{ "%.3f"|format(r.auroc_reconstruction) }}</td><td>{{ "%.3f"|format(r.auroc_latent) }}</td>{% endif %}<td>{{ "%.3f"|format(r.auprc) }}</td><td>{{ "%.3f"|format(r.auprc_chance) }}</td><td>{{ "%.4g"|format(r.threshold) }}</td><td>{{ "%.3f"|format(r.precision) }}</td><td>{{ "%.3f"|format(r.recall) }}</td><td>{{ "%.3f"|format(r.f1) }}</td></tr>{% endfor %}
 </table>
 {% for img in d.anomaly_images %}<img src="{{ img }}" alt="{{ img }}">{% endfor %}
 {% endif %}

@@ -164,6 +164,105 @@ def test_anomaly_with_a_vae_scores_by_negative_elbo(tmp_path: Path) -> None:
     assert all(cls["threshold"] > 1.0 for cls in result["per_class"].values())
 
 
+def test_combine_terms_standardises_each_term_on_normal_validation_and_sums() -> None:
+    from latentlab.anomaly import combine_terms
+
+    one = {"reconstruction": (np.array([1.0, 2.0]), np.array([5.0]))}
+    assert combine_terms(one) == one["reconstruction"]  # one term: the score itself
+
+    # reconstruction: validation mean 2, std 1; latent: validation mean 10, std 5 (population std).
+    terms = {
+        "reconstruction": (np.array([1.0, 3.0]), np.array([2.0, 6.0])),
+        "latent": (np.array([5.0, 15.0]), np.array([10.0, 0.0])),
+        "constant": (np.array([4.0, 4.0]), np.array([4.0, 7.0])),  # std 0: only centred
+    }
+    val, test = combine_terms(terms)
+    np.testing.assert_allclose(val, [-1.0 - 1.0 + 0.0, 1.0 + 1.0 + 0.0])
+    np.testing.assert_allclose(test, [0.0 + 0.0 + 0.0, 4.0 - 2.0 + 3.0])
+
+
+def _combined_val_scores(paths: ProjectPaths, label: int, params: Params) -> np.ndarray:
+    """1 - SSIM and the Ledoit-Wolf Mahalanobis distance of the class's validation images, standardised
+    on themselves and summed, recomputed here from the saved best weights and the training codes."""
+    from skimage.metrics import structural_similarity
+    from sklearn.covariance import LedoitWolf
+
+    from latentlab.models.base import build_model
+
+    cfg = params.evaluate.anomaly
+    spec = params.train.spec(cfg.model)
+    state = torch.load(paths.anomaly_checkpoint(DATASET, label), weights_only=False)
+    model = build_model(spec.family, (1, SIZE, SIZE), cfg.latent_size, **spec.family_options())
+    model.load_state_dict(state["best_model"])
+    model.eval()
+    train, val = (load_split(paths.processed(DATASET), s) for s in ("train", "val"))
+    x_train = to_unit_float(train.x[train.y == label])
+    x = to_unit_float(val.x[val.y == label])
+    with torch.no_grad():
+        recon = model.reconstruct(torch.from_numpy(x)).numpy()
+        codes_train = model.encode(torch.from_numpy(x_train)).double().numpy()
+        codes = model.encode(torch.from_numpy(x)).double().numpy()
+    # The window of an 8x8 image is 7 px (the largest odd size that fits), Gaussian weights of std 1.5.
+    dissimilarity = np.array(
+        [
+            1.0
+            - structural_similarity(
+                a[0], b[0], data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, win_size=7
+            )
+            for a, b in zip(x, recon, strict=True)
+        ]
+    )
+    centred = codes - LedoitWolf().fit(codes_train).location_
+    precision = LedoitWolf().fit(codes_train).precision_
+    distance = np.einsum("ni,ij,nj->n", centred, precision, centred)
+    return sum((t - t.mean()) / t.std() for t in (dissimilarity, distance))
+
+
+def test_anomaly_scored_by_ssim_and_latent_density(tmp_path: Path) -> None:
+    raw = _params("deep").model_dump(mode="json", by_alias=True)
+    raw["evaluate"]["anomaly"].update(reconstruction_error="ssim", latent_density=True)
+    params = parse_params(raw)
+    paths = _write_dataset(tmp_path)
+    result, _, figures = run_anomaly(params, DATASET, paths)
+
+    assert result["reconstruction_error"] == "ssim" and result["latent_density"] is True
+    assert result["score"] == (
+        "standardised structural dissimilarity 1 - SSIM + standardised squared Mahalanobis distance of the code"
+    )
+    for label, cls in enumerate(result["per_class"].values()):
+        assert cls["auroc"] > 0.9
+        # Each term's own AUROC is reported beside the sum's.
+        assert 0.0 <= cls["auroc_reconstruction"] <= 1.0 and 0.0 <= cls["auroc_latent"] <= 1.0
+        # The threshold is the percentile of the combined normal validation scores, recomputed by hand.
+        expected = np.percentile(_combined_val_scores(paths, label, params), 90.0)
+        assert cls["threshold"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    assert (figures / "scores.png").stat().st_size > 0
+
+
+def test_histogram_bins_span_the_scores_on_a_log_or_an_even_scale() -> None:
+    from latentlab.anomaly import histogram_bins
+
+    errors = np.array([0.01, 0.1, 1.0])
+    log_bins = histogram_bins(errors, log_scale=True, n_bins=2)
+    np.testing.assert_allclose(log_bins, [0.01, 0.1, 1.0])
+    # A standardised sum has negative scores: even bins from its minimum, nothing clipped.
+    np.testing.assert_allclose(histogram_bins(np.array([-2.0, 0.0, 2.0]), log_scale=False, n_bins=4), [-2, -1, 0, 1, 2])
+    assert histogram_bins(np.array([3.0, 3.0]), log_scale=True, n_bins=1)[1] > 3.0  # a constant score gets a width
+
+
+def test_a_vae_refuses_scores_made_for_autoencoders_before_training(tmp_path: Path) -> None:
+    from latentlab.errors import ConfigError
+
+    paths = _write_dataset(tmp_path)
+    raw = _params().model_dump(mode="json", by_alias=True)
+    raw["generate"]["models"] = []
+    raw["generate"]["zoo"] = {"vae_anomaly": {"family": "vae_mlp", "hidden": [32], "latent_sizes": [4]}}
+    raw["evaluate"]["anomaly"].update(model="vae_anomaly", latent_density=True)
+    with pytest.raises(ConfigError, match="evaluate.anomaly: 'vae_anomaly' is a VAE.*latent_density"):
+        run_anomaly(parse_params(raw), DATASET, paths)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_anomaly_model_must_be_an_autoencoder_or_a_vae() -> None:
     from latentlab.anomaly import anomaly_spec
     from latentlab.errors import ConfigError
