@@ -157,7 +157,10 @@ class TrainingConfig(Section):
     epochs: Annotated[int, Field(ge=1)] = 20  # most epochs; early stopping may end sooner
     min_steps: Annotated[int, Field(ge=0)] = 0  # at least this many optimiser steps: small datasets get more epochs
     batch_size: Annotated[int, Field(ge=1)] = 128  # samples per optimiser step
-    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3  # Adam learning rate
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3  # Adam learning rate (the first epoch's, under a schedule)
+    # constant | cosine: the learning rate of epoch e of E is lr * (1 + cos(pi * e / E)) / 2
+    # (Loshchilov & Hutter 2017, SGDR, eq. 5 without restarts), E the most epochs.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0  # L2 penalty (AdamW decoupled decay)
     patience: Annotated[int, Field(ge=1)] = 5  # epochs without validation improvement before stopping
     min_delta: Annotated[float, Field(ge=0.0)] = 0.0  # smallest validation-loss decrease that counts

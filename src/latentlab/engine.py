@@ -142,6 +142,29 @@ def evaluate_loss(model: Autoencoder, data: TrainingData, device: torch.device, 
     return {name: total / len(data) for name, total in totals.items()}
 
 
+def learning_rate(cfg: TrainingConfig, epoch: int, max_epochs: int) -> float:
+    """The learning rate of epoch ``epoch`` (0-based) of a run of at most ``max_epochs``.
+
+    ``constant``: ``cfg.lr``. ``cosine``: cosine annealing from ``cfg.lr`` toward 0
+    over the most epochs, eta_e = lr * (1 + cos(pi * e / E)) / 2 (Loshchilov &
+    Hutter 2017, eq. 5, one cycle), held for the whole epoch. A function of the
+    epoch alone, so a resumed run continues the schedule exactly; early stopping
+    may end the run before the rate gets low.
+    """
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / max_epochs))
+
+
+def _set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], Tensor):
+            # In place: a captured CUDA graph reads this very tensor on every replay.
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
 def _fingerprint(model: Autoencoder, cfg: TrainingConfig, seed: int, train: TrainingData, val: TrainingData) -> str:
     # Hyperparameters that live as plain attributes (rho, beta, lam) and the
     # architecture (repr) both belong to the fingerprint: a checkpoint of other
@@ -216,9 +239,12 @@ def fit(
     graphed = cuda and cfg.cuda_graph and not dist.distributed
     if cuda and cfg.cuda_graph and dist.distributed:
         log.info("cuda_graph is off under DistributedDataParallel; steps run eagerly")
+    # A captured step bakes a float learning rate into its kernels; a schedule under a graph
+    # needs the rate as a device tensor that the graph reads and the loop updates in place.
+    tensor_lr = graphed and cfg.lr_schedule != "constant"
     optimizer = torch.optim.AdamW(
         model.parameters(),
-        lr=cfg.lr,
+        lr=torch.tensor(cfg.lr, device=device) if tensor_lr else cfg.lr,
         weight_decay=cfg.weight_decay,
         **({"fused": True, "capturable": graphed} if cuda else {}),
     )
@@ -241,6 +267,10 @@ def fit(
             torch.set_rng_state(state["torch_rng"].cpu())
             resumed_from = epoch
             log.info("resuming from %s at epoch %d", checkpoint, epoch)
+            if tensor_lr:
+                # load_state_dict put the saved rate in place of the device tensor.
+                for group in optimizer.param_groups:
+                    group["lr"] = torch.tensor(float(group["lr"]), device=device)
         else:
             log.info("ignoring %s: made by another model, config or data", checkpoint)
     # Every rank read the checkpoint itself (so all must see the same file: one machine, or a
@@ -268,6 +298,8 @@ def fit(
 
         while epoch < max_epochs and not stopped_early:
             epoch_start = time.perf_counter()
+            lr = learning_rate(cfg, epoch, max_epochs)
+            _set_learning_rate(optimizer, lr)
             model.train()
             # The batch order of epoch e depends only on (seed, e): resuming replays it exactly,
             # and every rank of a distributed run draws the same global batches.
@@ -316,6 +348,7 @@ def fit(
                     "epoch": epoch,
                     "step": step,
                     "seconds": seconds,
+                    "lr": lr,
                     **{f"train_{k}": v for k, v in train_means.items()},
                     **{f"val_{k}": v for k, v in val_parts.items()},
                 }

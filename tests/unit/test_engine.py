@@ -96,49 +96,75 @@ _SCRIPT = textwrap.dedent(
     from latentlab.config import TrainingConfig
     from latentlab.models.base import build_model
 
-    kill_after = int(sys.argv[2])
+    kill_after, schedule = int(sys.argv[2]), sys.argv[3]
     def on_epoch(report, model):
         if report.epoch == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: as hard as a crash gets
 
     torch.manual_seed(0)
     model = build_model("conv_plus", (1, 8, 8), 3)
-    cfg = TrainingConfig(epochs=5, batch_size=16, lr=0.005, patience=10, checkpoint_every=1)
+    cfg = TrainingConfig(epochs=5, batch_size=16, lr=0.005, patience=10, checkpoint_every=1, lr_schedule=schedule)
     result = engine.fit(model, TRAIN, VAL, cfg, seed=0, device=torch.device("cpu"),
                         checkpoint=__import__("pathlib").Path(sys.argv[1]), on_epoch=on_epoch, progress=False)
     weights = {{k: v.tolist() for k, v in result.model.state_dict().items()}}
     print(json.dumps({{"resumed": result.resumed_from_epoch, "best": result.best_val_loss,
-                      "history": [h["val_loss"] for h in result.history], "weights": weights}}))
+                      "history": [h["val_loss"] for h in result.history],
+                      "lr": [h["lr"] for h in result.history], "weights": weights}}))
     """
 )
 
 
-def _run(script: Path, ckpt: Path, kill_after: int) -> subprocess.CompletedProcess[str]:
+def _run(script: Path, ckpt: Path, kill_after: int, schedule: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(script), str(ckpt), str(kill_after)], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), str(ckpt), str(kill_after), schedule], capture_output=True, text=True, timeout=300
     )
 
 
-def test_sigkilled_run_resumes_to_the_same_result(tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_sigkilled_run_resumes_to_the_same_result(tmp_path, schedule):
     import json
 
     script = tmp_path / "train.py"
     script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent)))
     killed_ckpt = tmp_path / "killed.pt"
-    first = _run(script, killed_ckpt, kill_after=3)
+    first = _run(script, killed_ckpt, kill_after=3, schedule=schedule)
     assert first.returncode == -signal.SIGKILL, first.stderr
     assert killed_ckpt.exists()  # the epoch-2 checkpoint survived the kill
-    resumed = _run(script, killed_ckpt, kill_after=-1)
+    resumed = _run(script, killed_ckpt, kill_after=-1, schedule=schedule)
     assert resumed.returncode == 0, resumed.stderr
-    straight = _run(script, tmp_path / "straight.pt", kill_after=-1)
+    straight = _run(script, tmp_path / "straight.pt", kill_after=-1, schedule=schedule)
     assert straight.returncode == 0, straight.stderr
     a, b = json.loads(resumed.stdout), json.loads(straight.stdout)
     assert a["resumed"] == 2 and b["resumed"] == 0
     assert a["history"] == b["history"] and a["best"] == b["best"]
     assert a["weights"] == b["weights"]
+    # The resumed run continued the schedule where the killed one left it.
+    assert a["lr"] == b["lr"] and len(set(a["lr"])) == (1 if schedule == "constant" else 5)
     assert not list(tmp_path.glob(".*.tmp*"))  # no half-written checkpoint left behind
 
 
 def test_min_steps_gives_a_small_dataset_more_epochs():
     result = _fit(TrainingConfig(epochs=1, min_steps=12, batch_size=16, lr=0.01, patience=10))
     assert result.epochs_run == 2 and result.train_steps == 12  # 96 samples: 6 steps an epoch
+
+
+def test_cosine_schedule_anneals_the_learning_rate_per_epoch():
+    cfg = TrainingConfig(epochs=4, batch_size=16, lr=0.01, patience=10, lr_schedule="cosine")
+    # eta_e = lr * (1 + cos(pi * e / E)) / 2 for e = 0..3 of E = 4.
+    expected = [0.01, 0.01 * (1 + np.cos(np.pi / 4)) / 2, 0.005, 0.01 * (1 + np.cos(3 * np.pi / 4)) / 2]
+    assert [engine.learning_rate(cfg, e, 4) for e in range(4)] == pytest.approx(expected)
+    assert engine.learning_rate(CFG, 3, 4) == CFG.lr  # constant
+
+    result = _fit(cfg)
+    assert [row["lr"] for row in result.history] == pytest.approx(expected)
+    # The schedule changed the training: other weights than the constant rate's.
+    constant = _fit(TrainingConfig(epochs=4, batch_size=16, lr=0.01, patience=10))
+    assert constant.history[-1]["val_loss"] != result.history[-1]["val_loss"]
+
+
+def test_cosine_schedule_spans_the_epochs_min_steps_adds():
+    # 96 samples, 16 a step: 6 steps an epoch; min_steps 24 makes 4 epochs of a 1-epoch config.
+    cfg = TrainingConfig(epochs=1, min_steps=24, batch_size=16, lr=0.01, patience=10, lr_schedule="cosine")
+    result = _fit(cfg)
+    assert [row["lr"] for row in result.history] == pytest.approx([engine.learning_rate(cfg, e, 4) for e in range(4)])
+    assert result.history[-1]["lr"] < 0.002
