@@ -48,7 +48,7 @@ import numpy as np
 
 from latentlab import metrics as m
 from latentlab.atomic import atomic_dir, atomic_path, write_json
-from latentlab.config import Params
+from latentlab.config import AnomalyConfig, Params
 from latentlab.data.store import load_manifest, load_split, to_unit_float
 from latentlab.errors import DataError
 from latentlab.paths import ProjectPaths
@@ -164,7 +164,7 @@ def _autoencoder_terms(
     x_train: Array,
     x_val: Array,
     x_test: Array,
-    cfg: Any,
+    cfg: AnomalyConfig,
 ) -> ScoreTerms:
     """The score terms of a model with ``reconstruct`` (N, C, H, W) -> same and ``encode`` -> (N, k).
 
@@ -186,9 +186,11 @@ def _autoencoder_terms(
         # Shrinkage keeps the inverse covariance well conditioned when codes are few
         # or collinear (a small class, or a latent size near the number of images).
         gaussian = LedoitWolf().fit(np.asarray(encode(x_train), dtype=np.float64))
-        terms["latent"] = tuple(  # type: ignore[assignment]
-            gaussian.mahalanobis(np.asarray(encode(x), dtype=np.float64)) for x in (x_val, x_test)
-        )
+
+        def distance(x: Array) -> Array:
+            return gaussian.mahalanobis(np.asarray(encode(x), dtype=np.float64))  # squared, (N,)
+
+        terms["latent"] = (distance(x_val), distance(x_test))
     return terms
 
 
@@ -201,14 +203,12 @@ def combine_terms(terms: ScoreTerms) -> tuple[Array, Array]:
     """
     if len(terms) == 1:
         return next(iter(terms.values()))
-    val_sum: Array = 0.0  # type: ignore[assignment]
-    test_sum: Array = 0.0  # type: ignore[assignment]
+    standardised = []
     for val, test in terms.values():
         centre, spread = float(val.mean()), float(val.std())
         spread = spread if spread > 0.0 else 1.0
-        val_sum = val_sum + (val - centre) / spread
-        test_sum = test_sum + (test - centre) / spread
-    return val_sum, test_sum
+        standardised.append(((val - centre) / spread, (test - centre) / spread))
+    return sum(v for v, _ in standardised), sum(t for _, t in standardised)  # type: ignore[return-value]
 
 
 def anomaly_spec(params: Params) -> Any:

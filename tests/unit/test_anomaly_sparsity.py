@@ -76,8 +76,8 @@ def _no_temporaries(root: Path) -> None:
     assert leftovers == []
 
 
-def _normal_val_scores(paths: ProjectPaths, label: int, params: Params) -> np.ndarray:
-    """Per-image MSE of the class's validation images under the saved best weights, recomputed here."""
+def _best_one_class_model(paths: ProjectPaths, label: int, params: Params) -> torch.nn.Module:
+    """The one-class model of ``label`` with the best weights its checkpoint saved, in eval mode."""
     from latentlab.models.base import build_model
 
     cfg = params.evaluate.anomaly
@@ -86,6 +86,12 @@ def _normal_val_scores(paths: ProjectPaths, label: int, params: Params) -> np.nd
     model = build_model(spec.family, (1, SIZE, SIZE), cfg.latent_size, **spec.family_options())
     model.load_state_dict(state["best_model"])
     model.eval()
+    return model
+
+
+def _normal_val_scores(paths: ProjectPaths, label: int, params: Params) -> np.ndarray:
+    """Per-image MSE of the class's validation images under the saved best weights, recomputed here."""
+    model = _best_one_class_model(paths, label, params)
     val = load_split(paths.processed(DATASET), "val")
     x = to_unit_float(val.x[val.y == label])
     with torch.no_grad():
@@ -187,14 +193,7 @@ def _combined_val_scores(paths: ProjectPaths, label: int, params: Params) -> np.
     from skimage.metrics import structural_similarity
     from sklearn.covariance import LedoitWolf
 
-    from latentlab.models.base import build_model
-
-    cfg = params.evaluate.anomaly
-    spec = params.train.spec(cfg.model)
-    state = torch.load(paths.anomaly_checkpoint(DATASET, label), weights_only=False)
-    model = build_model(spec.family, (1, SIZE, SIZE), cfg.latent_size, **spec.family_options())
-    model.load_state_dict(state["best_model"])
-    model.eval()
+    model = _best_one_class_model(paths, label, params)
     train, val = (load_split(paths.processed(DATASET), s) for s in ("train", "val"))
     x_train = to_unit_float(train.x[train.y == label])
     x = to_unit_float(val.x[val.y == label])
