@@ -292,7 +292,9 @@ def one_class(
     val_scores, test_scores = combine_terms(terms)
     seconds = time.perf_counter() - start
     # With several terms, each one's own AUROC: what each contributes to the sum.
-    term_aurocs = {f"auroc_{name}": m.auroc(test, is_anomaly) for name, (_, test) in terms.items() if len(terms) > 1}
+    term_aurocs = (
+        {f"auroc_{name}": m.auroc(test, is_anomaly) for name, (_, test) in terms.items()} if len(terms) > 1 else {}
+    )
 
     # Threshold from normal validation data only: the test labels never choose it.
     threshold = m.threshold_at_percentile(val_scores, cfg.threshold_percentile)
@@ -354,14 +356,13 @@ def save_score_histogram_grid(
     for ax, res in zip(axes.flat, results, strict=False):
         scores = res.test_scores
         bins = histogram_bins(scores, log_scale)
-        lo, hi = float(bins[0]), float(bins[-1])
         ax.hist(scores[~res.is_anomaly], bins=bins, density=True, alpha=0.55, color="tab:blue")
         ax.hist(scores[res.is_anomaly], bins=bins, density=True, alpha=0.45, color="tab:red")
         ax.axvline(res.metrics["threshold"], color="k", linestyle="--", linewidth=1)
         if log_scale:
             ax.set_xscale("log")
         # Three labelled ticks across the data: a log range narrower than a decade has no major tick.
-        ticks = np.geomspace(lo, hi, 3) if log_scale else np.linspace(lo, hi, 3)
+        ticks = histogram_bins(scores, log_scale, n_bins=2)
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_major_formatter(FixedFormatter([f"{t:.2g}" for t in ticks]))
         ax.xaxis.set_minor_formatter(NullFormatter())

@@ -239,12 +239,9 @@ def fit(
     graphed = cuda and cfg.cuda_graph and not dist.distributed
     if cuda and cfg.cuda_graph and dist.distributed:
         log.info("cuda_graph is off under DistributedDataParallel; steps run eagerly")
-    # A captured step bakes a float learning rate into its kernels; a schedule under a graph
-    # needs the rate as a device tensor that the graph reads and the loop updates in place.
-    tensor_lr = graphed and cfg.lr_schedule != "constant"
     optimizer = torch.optim.AdamW(
         model.parameters(),
-        lr=torch.tensor(cfg.lr, device=device) if tensor_lr else cfg.lr,
+        lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         **({"fused": True, "capturable": graphed} if cuda else {}),
     )
@@ -267,16 +264,18 @@ def fit(
             torch.set_rng_state(state["torch_rng"].cpu())
             resumed_from = epoch
             log.info("resuming from %s at epoch %d", checkpoint, epoch)
-            if tensor_lr:
-                # load_state_dict put the saved rate in place of the device tensor.
-                for group in optimizer.param_groups:
-                    group["lr"] = torch.tensor(float(group["lr"]), device=device)
         else:
             log.info("ignoring %s: made by another model, config or data", checkpoint)
     # Every rank read the checkpoint itself (so all must see the same file: one machine, or a
     # shared filesystem). Ranks resuming from different epochs would run different numbers of
     # steps and hang in an all-reduce; stop with an error instead.
     dist.check_same(resumed_from, f"the epoch resumed from {checkpoint}")
+    if graphed and cfg.lr_schedule != "constant":
+        # A captured step bakes a float learning rate into its kernels; a schedule under a
+        # graph needs the rate as a device tensor that the graph reads and the loop updates
+        # in place (after any checkpoint load, which would put a saved rate in its place).
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
 
     inputs, targets = _to_device(train.inputs, device), _to_device(train.targets, device)
     n = len(train)
