@@ -44,6 +44,9 @@ def overlay_args(params_path: Path, overlay_path: Path) -> list[str]:
     parse_params(merge(base, overlay), f"{params_path} + {overlay_path}")
     args: list[str] = []
     for key, value in leaves(overlay).items():
-        # DVC parses the value as YAML: JSON is valid YAML, and null stays null.
-        args += ["-S", f"{key}={json.dumps(value, separators=(',', ':'))}"]
+        # DVC parses ``-S`` with Hydra's override grammar: a plain ``key=value`` may only change
+        # a key params.yaml already has, ``++key=value`` adds it or changes it (an overlay may
+        # set keys params.yaml leaves at their defaults, e.g. a training lr_schedule).
+        # The value is read as YAML: JSON is valid YAML, and null stays null.
+        args += ["-S", f"++{key}={json.dumps(value, separators=(',', ':'))}"]
     return args

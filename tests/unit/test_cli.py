@@ -147,9 +147,29 @@ def test_full_scale_overlay_gives_valid_dvc_arguments():
     args = result.output.split()
     assert args[0] == "-S" and len(args) % 2 == 0
     pairs = dict(a.split("=", 1) for a in args[1::2])
-    assert pairs["train.zoo.conv_plus.training.max_train_samples"] == "null"
-    assert pairs["evaluate.max_test_samples"] == "null"
+    assert pairs["++train.zoo.conv_plus.training.max_train_samples"] == "null"
+    assert pairs["++evaluate.max_test_samples"] == "null"
     assert all(" " not in a for a in args)  # safe for `dvc exp run $(latentlab overlay-args ...)`
+
+
+def test_overlay_arguments_applied_by_dvc_give_the_merged_params(tmp_path):
+    # DVC's own `exp run -S` code (Hydra overrides) applied to a copy of params.yaml must
+    # give params.yaml merged with the overlay, keys params.yaml lacks included.
+    import yaml
+    from dvc.utils.hydra import apply_overrides
+
+    from latentlab.overlay import merge, overlay_args
+
+    overlay_path = REPO / "configs" / "full_scale.yaml"
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    overlay = yaml.safe_load(overlay_path.read_text())
+    assert "lr_schedule" not in base["train"]["zoo"]["deep"]["training"]  # a key the overlay adds
+    assert overlay["train"]["zoo"]["deep"]["training"]["lr_schedule"] == "cosine"
+    copy = tmp_path / "params.yaml"
+    copy.write_text((REPO / "params.yaml").read_text())
+    args = overlay_args(REPO / "params.yaml", overlay_path)
+    apply_overrides(copy, args[1::2])
+    assert yaml.safe_load(copy.read_text()) == merge(base, overlay)
 
 
 def test_overlay_with_a_bad_key_is_rejected(tmp_path):
