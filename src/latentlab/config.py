@@ -162,6 +162,10 @@ class TrainingConfig(Section):
     # (Loshchilov & Hutter 2017, SGDR, eq. 5 without restarts), E the most epochs.
     lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0  # L2 penalty (AdamW decoupled decay)
+    # Standard deviation (pixel units) of Gaussian noise added to the inputs at every training
+    # step, drawn afresh each time, while the target stays the clean image: the denoising
+    # criterion (Vincent et al. 2008) used as a regulariser; 0 = none. Validation is noise-free.
+    input_noise: Annotated[float, Field(ge=0.0)] = 0.0
     patience: Annotated[int, Field(ge=1)] = 5  # epochs without validation improvement before stopping
     min_delta: Annotated[float, Field(ge=0.0)] = 0.0  # smallest validation-loss decrease that counts
     checkpoint_every: Annotated[int, Field(ge=1)] = 1  # epochs between resumable checkpoints

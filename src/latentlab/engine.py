@@ -291,7 +291,7 @@ def fit(
     with data_parallel(model, dist, device) as trained:
         # ``trained`` is the DDP wrapper under torchrun, else ``model`` itself; evaluation,
         # checkpoints and on_epoch use ``model`` (the same weights, without the wrapper).
-        step_fn = _eager_step(trained, optimizer, inputs, targets, device, cfg.amp, dist)
+        step_fn = _eager_step(trained, optimizer, inputs, targets, device, cfg.amp, dist, cfg.input_noise)
         if graphed and n >= cfg.batch_size and epoch < max_epochs and not stopped_early:
             step_fn = _graphed_step(model, optimizer, inputs, targets, device, cfg, step_fn)
 
@@ -425,9 +425,10 @@ class _eager_step(_Step):  # noqa: N801 - used like a function
         device: torch.device,
         amp: bool,
         dist: DistributedContext | None = None,
+        input_noise: float = 0.0,
     ) -> None:
         self.model, self.optimizer, self.inputs, self.targets = model, optimizer, inputs, targets
-        self.device, self.amp = device, amp
+        self.device, self.amp, self.input_noise = device, amp, input_noise
         self.dist = dist or DistributedContext.single()
         self.part_names = []
 
@@ -441,6 +442,11 @@ class _eager_step(_Step):  # noqa: N801 - used like a function
             index, weight = self.dist.shard(index)
         x = self.inputs[index]
         t = None if self.targets is None else self.targets[index]
+        if self.input_noise > 0:
+            # Fresh noise every step from torch's global RNG (saved in the checkpoint, so a
+            # resumed CPU run draws the same noise); the target stays the uncorrupted batch.
+            t = x if t is None else t
+            x = x + self.input_noise * torch.randn_like(x)
         with _autocast(self.device, self.amp):
             out = self.model(x, t)
         self.optimizer.zero_grad(set_to_none=True)

@@ -46,6 +46,10 @@ def test_params_are_frozen():
         ),
         (lambda p: p["train"]["zoo"]["deep"].update(rho=0.1), "params.yaml: train.zoo.deep.rho: unknown key"),
         (
+            lambda p: p["train"]["zoo"]["deep_denoising"]["training"].update(input_noise=-0.1),
+            "params.yaml: train.zoo.deep_denoising.training.input_noise: Input should be greater than or equal to 0",
+        ),
+        (
             lambda p: p["train"].update(models=["pca", "vae"]),
             "model 'vae' is listed in train.models but not defined under train.zoo",
         ),

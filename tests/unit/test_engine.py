@@ -14,7 +14,7 @@ import torch
 
 from latentlab import engine
 from latentlab.config import TrainingConfig
-from latentlab.models.base import build_model
+from latentlab.models.base import Autoencoder, ModelOutput, build_model
 
 torch.set_num_threads(1)
 
@@ -96,14 +96,15 @@ _SCRIPT = textwrap.dedent(
     from latentlab.config import TrainingConfig
     from latentlab.models.base import build_model
 
-    kill_after, schedule = int(sys.argv[2]), sys.argv[3]
+    kill_after, schedule, noise = int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
     def on_epoch(report, model):
         if report.epoch == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: as hard as a crash gets
 
     torch.manual_seed(0)
     model = build_model("conv_plus", (1, 8, 8), 3)
-    cfg = TrainingConfig(epochs=5, batch_size=16, lr=0.005, patience=10, checkpoint_every=1, lr_schedule=schedule)
+    cfg = TrainingConfig(epochs=5, batch_size=16, lr=0.005, patience=10, checkpoint_every=1, lr_schedule=schedule,
+                         input_noise=noise)
     result = engine.fit(model, TRAIN, VAL, cfg, seed=0, device=torch.device("cpu"),
                         checkpoint=__import__("pathlib").Path(sys.argv[1]), on_epoch=on_epoch, progress=False)
     weights = {{k: v.tolist() for k, v in result.model.state_dict().items()}}
@@ -114,25 +115,30 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _run(script: Path, ckpt: Path, kill_after: int, schedule: str) -> subprocess.CompletedProcess[str]:
+def _run(script: Path, ckpt: Path, kill_after: int, schedule: str, noise: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(script), str(ckpt), str(kill_after), schedule], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), str(ckpt), str(kill_after), schedule, str(noise)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_sigkilled_run_resumes_to_the_same_result(tmp_path, schedule):
+# The noisy case checks that the input noise, drawn from torch's RNG every step, is
+# drawn alike after a resume (the checkpoint carries the RNG state).
+@pytest.mark.parametrize(("schedule", "noise"), [("constant", 0.0), ("cosine", 0.0), ("cosine", 0.2)])
+def test_sigkilled_run_resumes_to_the_same_result(tmp_path, schedule, noise):
     import json
 
     script = tmp_path / "train.py"
     script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent)))
     killed_ckpt = tmp_path / "killed.pt"
-    first = _run(script, killed_ckpt, kill_after=3, schedule=schedule)
+    first = _run(script, killed_ckpt, kill_after=3, schedule=schedule, noise=noise)
     assert first.returncode == -signal.SIGKILL, first.stderr
     assert killed_ckpt.exists()  # the epoch-2 checkpoint survived the kill
-    resumed = _run(script, killed_ckpt, kill_after=-1, schedule=schedule)
+    resumed = _run(script, killed_ckpt, kill_after=-1, schedule=schedule, noise=noise)
     assert resumed.returncode == 0, resumed.stderr
-    straight = _run(script, tmp_path / "straight.pt", kill_after=-1, schedule=schedule)
+    straight = _run(script, tmp_path / "straight.pt", kill_after=-1, schedule=schedule, noise=noise)
     assert straight.returncode == 0, straight.stderr
     a, b = json.loads(resumed.stdout), json.loads(straight.stdout)
     assert a["resumed"] == 2 and b["resumed"] == 0
@@ -168,3 +174,46 @@ def test_cosine_schedule_spans_the_epochs_min_steps_adds():
     result = _fit(cfg)
     assert [row["lr"] for row in result.history] == pytest.approx([engine.learning_rate(cfg, e, 4) for e in range(4)])
     assert result.history[-1]["lr"] < 0.002
+
+
+class _Recorder(Autoencoder):
+    """A model that keeps the (input, target) pairs a training step hands its forward."""
+
+    def __init__(self) -> None:
+        super().__init__((1, 8, 8), 3)
+        self.scale = torch.nn.Parameter(torch.ones(1))
+        self.seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def forward(self, x, target=None):
+        self.seen.append((x.detach().clone(), target))
+        loss = ((self.scale * x - (x if target is None else target)) ** 2).mean()
+        return ModelOutput(loss=loss, parts={}, reconstruction=self.scale * x)
+
+
+def test_input_noise_corrupts_the_inputs_afresh_and_keeps_clean_targets():
+    inputs, index = torch.from_numpy(TRAIN.inputs), torch.arange(32)
+    model = _Recorder()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    step = engine._eager_step(model, optimizer, inputs, None, torch.device("cpu"), False, input_noise=0.2)
+    step(index)
+    step(index)
+    (x1, t1), (x2, t2) = model.seen
+    assert torch.equal(t1, inputs[index]) and torch.equal(t2, inputs[index])  # the clean batch is the target
+    noise = x1 - t1  # 32 x 64 = 2,048 draws of N(0, 0.2^2): std within 10%, mean near 0
+    assert float(noise.std()) == pytest.approx(0.2, rel=0.1) and abs(float(noise.mean())) < 0.03
+    assert not torch.equal(x1, x2)  # fresh noise each step
+
+    # Denoising data keeps its own targets; without input noise the batch goes through as it is.
+    targets = torch.zeros_like(inputs)
+    engine._eager_step(model, optimizer, inputs, targets, torch.device("cpu"), False, input_noise=0.2)(index)
+    assert torch.equal(model.seen[-1][1], targets[index])
+    engine._eager_step(model, optimizer, inputs, None, torch.device("cpu"), False)(index)
+    assert torch.equal(model.seen[-1][0], inputs[index]) and model.seen[-1][1] is None
+
+
+def test_input_noise_changes_training_but_not_validation():
+    noisy = _fit(TrainingConfig(epochs=4, batch_size=16, lr=0.01, patience=10, input_noise=0.3))
+    clean = _fit()
+    assert noisy.history[-1]["train_loss"] != clean.history[-1]["train_loss"]
+    # Validation is scored on the uncorrupted images.
+    assert noisy.best_val_loss == pytest.approx(engine.evaluate_loss(noisy.model, VAL, torch.device("cpu"))["loss"])
