@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from latentlab.atomic import atomic_path
-from latentlab.config import TrainingConfig
+from latentlab.config import ClassifierConfig, TrainingConfig
 from latentlab.distributed import DistributedContext, data_parallel
 from latentlab.models.base import Autoencoder
 
@@ -142,14 +142,15 @@ def evaluate_loss(model: Autoencoder, data: TrainingData, device: torch.device, 
     return {name: total / len(data) for name, total in totals.items()}
 
 
-def learning_rate(cfg: TrainingConfig, epoch: int, max_epochs: int) -> float:
+def learning_rate(cfg: TrainingConfig | ClassifierConfig, epoch: int, max_epochs: int) -> float:
     """The learning rate of epoch ``epoch`` (0-based) of a run of at most ``max_epochs``.
 
     ``constant``: ``cfg.lr``. ``cosine``: cosine annealing from ``cfg.lr`` toward 0
     over the most epochs, eta_e = lr * (1 + cos(pi * e / E)) / 2 (Loshchilov &
     Hutter 2017, eq. 5, one cycle), held for the whole epoch. A function of the
     epoch alone, so a resumed run continues the schedule exactly; early stopping
-    may end the run before the rate gets low.
+    may end the run before the rate gets low. The domain classifier of
+    :mod:`latentlab.quality` follows the same schedule.
     """
     if cfg.lr_schedule == "constant":
         return cfg.lr

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from latentlab.atomic import atomic_path
 from latentlab.config import ClassifierConfig
-from latentlab.engine import _autocast
+from latentlab.engine import _autocast, learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -195,13 +195,6 @@ def shift_batch(x: Tensor, offsets: Tensor, max_shift: int) -> Tensor:
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def _lr_at(cfg: ClassifierConfig, epoch: int) -> float:
-    """Learning rate of 0-based ``epoch``: stateless, so a resumed run sets the same one."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
-
-
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -292,7 +285,7 @@ def train_classifier(
     s = cfg.augment_shift
     while epoch < cfg.epochs:
         epoch_start = time.perf_counter()
-        lr = _lr_at(cfg, epoch)
+        lr = learning_rate(cfg, epoch, cfg.epochs)  # of the epoch alone: a resumed run sets the same
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
