@@ -48,7 +48,7 @@ import torch
 from latentlab.collapse import GenerativeBackend
 from latentlab.config import GanSpec, Params, VaeSpec
 from latentlab.errors import DataError
-from latentlab.models.vae import binarise
+from latentlab.models.vae import binarise, validation_images
 from latentlab.quality import DomainClassifier, load_classifier, sample_quality, subsample
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class VaeBackend:
         result = engine.fit(
             model,
             engine.TrainingData(train),
-            engine.TrainingData(val),
+            engine.TrainingData(validation_images(model, val, seed)),
             self.training,
             seed=seed,
             device=self.context.device,

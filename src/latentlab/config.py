@@ -366,7 +366,18 @@ class VaeSpec(Section):
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"  # decoder p(x|z)
     beta: Annotated[float, Field(ge=0.0)] = 1.0  # weight of the KL term (beta-VAE; 1 = the ELBO)
     binarize: bool = True  # dynamic binarisation of training images (Bernoulli decoder)
+    # K of the training bound: 1 = the ELBO; K > 1 = the importance-weighted bound (Burda et al. 2016)
+    importance_samples: Annotated[int, Field(ge=1)] = 1
     training: TrainingConfig = TrainingConfig()
+
+    @model_validator(mode="after")
+    def _iwae_has_no_beta(self) -> VaeSpec:
+        if self.importance_samples > 1 and self.beta != 1.0:
+            raise ValueError(
+                f"importance_samples = {self.importance_samples} trains on the importance-weighted bound, "
+                f"which has no KL weight: beta must be 1, got {self.beta}"
+            )
+        return self
 
     def family_options(self) -> dict[str, Any]:
         """The family's own hyperparameters, as keyword arguments of its model class."""

@@ -355,6 +355,7 @@ def _train_vae(ctx: _Context, run: RunLog | None) -> dict[str, Any]:
 
     from latentlab import engine
     from latentlab.models.base import build_model
+    from latentlab.models.vae import validation_images
     from latentlab.plots import save_tiles
 
     spec = ctx.spec
@@ -362,7 +363,7 @@ def _train_vae(ctx: _Context, run: RunLog | None) -> dict[str, Any]:
     cfg, seed = spec.training, ctx.seed
     x, _ = _split_images(ctx.paths, ctx.dataset, "train", cfg.max_train_samples, seed)
     v, _ = _split_images(ctx.paths, ctx.dataset, "val")
-    train_data, val_data = engine.TrainingData(x), engine.TrainingData(v)
+    train_data = engine.TrainingData(x)
     shape = tuple(int(s) for s in x.shape[1:])
     per_row = ctx.params.evaluate.grid_size
     metrics: dict[str, float] = {"n_train": float(len(x)), "n_val": float(len(v))}
@@ -371,6 +372,7 @@ def _train_vae(ctx: _Context, run: RunLog | None) -> dict[str, Any]:
         for k in sorted(spec.latent_sizes):
             torch.manual_seed(seed)
             vae = build_model(spec.family, shape, k, **spec.family_options())
+            val_data = engine.TrainingData(validation_images(vae, v, seed))  # the same binarisation for every k
 
             def on_epoch(report: engine.EpochReport, net: Any, k: int = k) -> None:
                 if run is None:

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from latentlab import quality
+from latentlab import engine, quality
 from latentlab.config import Params, parse_params
+from latentlab.data.store import load_split
 from latentlab.generative import (
     KINDS,
     draw_samples,
@@ -28,7 +29,7 @@ from latentlab.generative import (
     train_generative,
 )
 from latentlab.models.gan import GanPair
-from latentlab.models.vae import VariationalAutoencoder
+from latentlab.models.vae import VariationalAutoencoder, binarise
 from latentlab.paths import ProjectPaths
 from tests.conftest import BAR_CLASSES, tiny_params, write_bar_dataset
 
@@ -182,6 +183,16 @@ def test_vae_training_logs_every_part_and_saves_each_latent_size(project):
     models = load_generative(paths, DATASET, "vae")
     assert sorted(models) == [2, 3] and all(isinstance(m, VariationalAutoencoder) for m in models.values())
     assert models[3].latent_dim == 3 and not models[3].training
+    # Early stopping watched the negative ELBO of one fixed binarisation of the validation split (the
+    # quantity the test NLL measures), not a cross-entropy against its grey images.
+    val = load_split(paths.processed(DATASET), "val").unit_float()
+    seed = project["params"].train.seed
+    history = json.loads((folder / "k2_history.json").read_text())
+    best = min(row["val_loss"] for row in history)
+    on_binary = engine.evaluate_loss(models[2], engine.TrainingData(binarise(val, seed)), torch.device("cpu"))
+    on_grey = engine.evaluate_loss(models[2], engine.TrainingData(val), torch.device("cpu"))
+    assert on_binary["loss"] == pytest.approx(best, rel=1e-5)
+    assert on_grey["loss"] != pytest.approx(best, rel=1e-3)
 
 
 def test_vae_evaluation_bounds_figures_and_sweep(project):
