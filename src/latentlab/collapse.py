@@ -1212,7 +1212,9 @@ def collapse_report_section(params: Any, paths: Any) -> str:
         "on the real data plus every earlier generation's samples, <i>augment</i> on a fixed real subset plus a "
         "share of the previous samples, <i>fresh</i> on new real data plus a share of the previous samples. "
         "Quality and diversity are measured in the domain classifier's feature space against held-out real test "
-        "images; healing generations retrain on real data only.</p>"
+        "images. Healing generations train a fresh model on the fixed real subset, as every generation does, so "
+        "they do not depend on the loop before them: they are a control (generation 0 refitted with another seed), "
+        "not the fine-tuning of the collapsed model that Bohacek and Farid (2023) report does not fully heal.</p>"
     )
     for dataset in datasets:
         metrics_path = paths.study_metrics("collapse", dataset)
