@@ -14,6 +14,8 @@ bench/results/generative_full_scale.json.
 
     python bench/generative_full_scale.py                        # full settings (hours on CPU; use a GPU)
     python bench/generative_full_scale.py --epochs 2 --max-train-samples 5000 --generations 2   # a short run
+    python bench/generative_full_scale.py --datasets mnist --models vae_mlp --seeds 0 \
+        --collapse-epochs 20 --jobs 2 --threads 1     # on a 2-core CPU: the collapse pairs in 2 processes
 
 Checkpoints and saved generations make it resumable: rerun the same command.
 """
@@ -24,8 +26,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from latentlab.config import CollapseConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
@@ -54,6 +60,12 @@ def build_params(args: argparse.Namespace) -> dict:
         params["collapse"]["generations"] = args.generations
     if args.seeds is not None:
         params["collapse"]["seeds"] = args.seeds
+    if args.nll_images is not None:
+        params["generate"]["quality"]["nll_images"] = args.nll_images
+    if args.collapse_epochs is not None:
+        params["collapse"]["epochs"] = args.collapse_epochs
+    if args.threads is not None:
+        params["train"]["threads"] = args.threads
     for spec in params["generate"]["zoo"].values():
         training = spec.setdefault("training", {})
         if args.epochs is not None:
@@ -61,6 +73,56 @@ def build_params(args: argparse.Namespace) -> dict:
         if args.max_train_samples is not None:
             training["max_train_samples"] = args.max_train_samples
     return params
+
+
+def _run_pair(root: Path, dataset: str, loop: str, seed: int) -> str:
+    """One (loop, seed) pair of the collapse study, in a worker process (it writes only its own state)."""
+    from latentlab.collapse import run_collapse_pairs
+    from latentlab.config import load_params
+    from latentlab.paths import ProjectPaths
+
+    paths = ProjectPaths(root)
+    t0 = time.perf_counter()
+    run_collapse_pairs(load_params(paths.params), dataset, paths, loops=[loop], seeds=[seed])
+    return f"{loop} seed {seed}: {time.perf_counter() - t0:.0f} s"
+
+
+def run_pairs_in_parallel(root: Path, dataset: str, collapse: CollapseConfig, jobs: int) -> None:
+    """Every (loop, seed) pair of ``collapse`` in ``jobs`` spawned processes, longest loop first."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # accumulate's training set grows every generation: start it first so that it does not finish last alone.
+    loops = sorted(collapse.loops, key=lambda loop: loop != "accumulate")
+    pairs = [(loop, seed) for loop in loops for seed in collapse.seeds]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_pair, root, dataset, loop, seed) for loop, seed in pairs]
+        for future in as_completed(futures):
+            print(f"  collapse pair done: {future.result()}", flush=True)
+
+
+def print_quality_table(dataset: str, classifier: dict, models: dict[str, dict]) -> None:
+    """The sample-quality table of ``dataset`` with the real-data floor first, and every VAE's NLL."""
+    floor = classifier.get("floor", {})
+    keys = ["frechet_distance", "precision", "recall", "coverage", "entropy_normalised"]
+    print(f"{'model':<12}{'psi':>5}" + "".join(f"{k[:12]:>14}" for k in keys))
+    print(f"{'real floor':<12}{'':>5}" + "".join(f"{floor.get(k, float('nan')):>14.4f}" for k in keys))
+    for model, metrics in models.items():
+        # quality: {"psi0.5": {"psi": 0.5, metric: value, ...}, ...}, one entry per truncation level
+        sweep = sorted((row for row in metrics.get("quality", {}).values()), key=lambda row: row["psi"])
+        for row in sweep:
+            print(f"{model:<12}{row['psi']:>5}" + "".join(f"{row.get(k, float('nan')):>14.4f}" for k in keys))
+        # likelihood (VAEs): {"images": N, "importance_samples": K, "k32": {"nll": ..., ...}, ...}
+        likelihood = metrics.get("likelihood", {})
+        for name, v in likelihood.items():
+            if not isinstance(v, dict):
+                continue
+            ok = "met" if v["nll"] <= NLL_TARGET else "not met"
+            print(
+                f"  {model} {name}: test NLL {v['nll']:.2f} +- {v['nll_sem']:.2f} nats, negative ELBO "
+                f"{v['negative_elbo']:.2f} ({likelihood['images']} images, K = {likelihood['importance_samples']}; "
+                + (f"{ok}, target <= {NLL_TARGET})" if dataset == "mnist" else "no target)")
+            )
 
 
 def main() -> int:
@@ -74,6 +136,14 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override collapse.seeds")
     parser.add_argument("--epochs", type=int, default=None, help="override every generative model's epochs")
     parser.add_argument("--max-train-samples", type=int, default=None, help="override every training cap")
+    parser.add_argument(
+        "--nll-images", type=int, default=None, help="test images of the importance-sampled NLL (default: all)"
+    )
+    parser.add_argument("--collapse-epochs", type=int, default=None, help="override collapse.epochs")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="processes running the collapse (loop, seed) pairs at once (1 = in turn)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (train.threads)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "generative_full_scale.json")
     args = parser.parse_args()
     if not args.shared.exists():
@@ -113,23 +183,12 @@ def main() -> int:
             timings[f"{dataset}/{model}"] = time.perf_counter() - t0
             models[model] = metrics
         result[dataset] = {"classifier": classifier, "models": models}
-        floor = classifier.get("floor", {})
-        keys = ["frechet_distance", "precision", "recall", "coverage", "entropy_normalised"]
-        print(f"{'model':<12}{'psi':>5}" + "".join(f"{k[:12]:>14}" for k in keys))
-        print(f"{'real floor':<12}{'':>5}" + "".join(f"{floor.get(k, float('nan')):>14.4f}" for k in keys))
-        for model, metrics in models.items():
-            for row in metrics.get("quality", {}).get("psi_sweep", []):
-                print(f"{model:<12}{row['psi']:>5}" + "".join(f"{row.get(k, float('nan')):>14.4f}" for k in keys))
-            for k, v in metrics.get("likelihood", {}).items():
-                nll = v.get("nll")
-                if nll is not None:
-                    ok = "met" if dataset == "mnist" and nll <= NLL_TARGET else "not met"
-                    print(
-                        f"  {model} k={k}: test NLL {nll:.2f} nats, negative ELBO {v.get('negative_elbo', float('nan')):.2f} ({ok}, target <= {NLL_TARGET} on MNIST)"
-                    )
+        print_quality_table(dataset, classifier, models)
     if args.collapse_dataset:
         t0 = time.perf_counter()
-        collapse, _, _ = run_collapse(params, args.collapse_dataset, paths)
+        if args.jobs > 1:
+            run_pairs_in_parallel(args.root, args.collapse_dataset, params.collapse, args.jobs)
+        collapse, _, _ = run_collapse(params, args.collapse_dataset, paths)  # loads the pairs run above
         timings["collapse"] = time.perf_counter() - t0
         result["collapse"] = {k: collapse[k] for k in ("summary", "relative_change", "pattern") if k in collapse}
         print(f"\ncollapse on {args.collapse_dataset}: relative change from generation 0 to the last")
