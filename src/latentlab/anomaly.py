@@ -114,7 +114,7 @@ def _fit_and_score(
 
     from latentlab import engine
     from latentlab.models.base import build_model
-    from latentlab.models.vae import VariationalAutoencoder, binarise, negative_elbo
+    from latentlab.models.vae import VariationalAutoencoder, binarise, negative_elbo, validation_images
 
     device = engine.pick_device(params.train.device)
     shape = tuple(int(s) for s in x_train.shape[1:])
@@ -123,10 +123,12 @@ def _fit_and_score(
     # The family's own options, at the anomaly latent size; denoise_from does not apply
     # (the one-class model learns to reconstruct clean normal images).
     model = build_model(spec.family, shape, cfg.latent_size, **spec.family_options())  # type: ignore[arg-type]
+    # A VAE is early-stopped on the quantity it is scored by (see validation_images).
+    val = validation_images(model, x_val, seed) if isinstance(model, VariationalAutoencoder) else x_val
     result = engine.fit(
         model,
         engine.TrainingData(x_train),
-        engine.TrainingData(x_val),
+        engine.TrainingData(val),
         cfg.training,
         seed=seed,
         device=device,

@@ -155,14 +155,27 @@ def test_anomaly_with_pca(tmp_path: Path) -> None:
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_anomaly_with_a_vae_scores_by_negative_elbo(tmp_path: Path) -> None:
+def test_anomaly_with_a_vae_scores_by_negative_elbo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from latentlab import engine
+
     paths = _write_dataset(tmp_path)
     raw = _params().model_dump(mode="json", by_alias=True)
     raw["generate"]["models"] = []
     raw["generate"]["zoo"] = {"vae_anomaly": {"family": "vae_mlp", "hidden": [32], "latent_sizes": [4]}}
     raw["evaluate"]["anomaly"]["model"] = "vae_anomaly"
     params = parse_params(raw)
+    validated_on: list[np.ndarray] = []
+    fit = engine.fit
+
+    def spy(model: Any, train: Any, val: Any, *args: Any, **kwargs: Any) -> Any:
+        validated_on.append(val.inputs)
+        return fit(model, train, val, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "fit", spy)
     result, _, _ = run_anomaly(params, DATASET, paths)
+    # Early stopping watched binary validation images (one fixed binarisation), as the score is measured.
+    assert len(validated_on) == len(result["per_class"])
+    assert all(set(np.unique(v)) == {0.0, 1.0} for v in validated_on)
     assert result["family"] == "vae_mlp"
     assert result["score"] == "negative ELBO (nats)"
     assert all(cls["auroc"] > 0.9 for cls in result["per_class"].values())
