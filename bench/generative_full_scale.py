@@ -109,7 +109,7 @@ def print_quality_table(dataset: str, classifier: dict, models: dict[str, dict])
     print(f"{'real floor':<12}{'':>5}" + "".join(f"{floor.get(k, float('nan')):>14.4f}" for k in keys))
     for model, metrics in models.items():
         # quality: {"psi0.5": {"psi": 0.5, metric: value, ...}, ...}, one entry per truncation level
-        sweep = sorted((row for row in metrics.get("quality", {}).values()), key=lambda row: row["psi"])
+        sweep = sorted(metrics.get("quality", {}).values(), key=lambda row: row["psi"])
         for row in sweep:
             print(f"{model:<12}{row['psi']:>5}" + "".join(f"{row.get(k, float('nan')):>14.4f}" for k in keys))
         # likelihood (VAEs): {"images": N, "importance_samples": K, "k32": {"nll": ..., ...}, ...}
