@@ -24,7 +24,10 @@ Every loop draws its samples with a truncation ``psi`` (``psi < 1`` samples
 closer to the mode, the sampling bias that speeds collapse up). After the last
 generation an optional *healing* phase trains ``H`` more generations on real
 data only (the generation-0 real set; Bohacek and Farid 2023, "Nepotistically
-trained generative-AI models collapse").
+trained generative-AI models collapse"). With ``healing_start: finetune`` each
+healing generation continues training the previous generation's model, as
+Bohacek and Farid retrain the collapsed model on real images; with ``fresh``
+it trains a new one, a control that forgets the loop entirely.
 
 The models and metrics are injected: a :class:`GenerativeBackend` fits, samples
 and evaluates; this module only composes the training sets, derives seeds,
@@ -80,17 +83,29 @@ _POOL, _COMPOSE, _FIT, _SAMPLE, _EVAL = range(5)
 class GenerativeBackend(Protocol):
     """What the collapse loop needs of a generative model family (VAE, GAN, the Gaussian toy).
 
-    ``fit`` must train a *fresh* model every call (a resumed run calls it for
-    the unfinished generations only). A backend that writes checkpoints should
-    be built per (loop, seed): the fit seed does not depend on the loop.
+    ``fit`` trains a *fresh* model when ``init`` is None and otherwise continues
+    training ``init`` (a model it returned before), without changing ``init``
+    itself. A resumed run calls it for the unfinished generations only. A
+    backend that writes checkpoints should be built per (loop, seed): the fit
+    seed does not depend on the loop. ``save_model`` / ``load_model`` persist a
+    model handle, so that a resumed run can fine-tune a model fitted before it.
     """
 
-    def fit(self, images: Array, labels: Array | None, *, seed: int, generation: int) -> Any:
+    def fit(self, images: Array, labels: Array | None, *, seed: int, generation: int, init: Any = None) -> Any:
         """Train on ``images`` (N, C, H, W) float32 in [0, 1] (labels (N,) or None); return a model handle.
 
         ``generation`` is the step of the run: ``g`` for loop generation g,
-        ``N + h`` for healing generation h (unique within a run).
+        ``N + h`` for healing generation h (unique within a run). ``init``: the
+        model to continue from (a fine-tuned healing generation), or None.
         """
+        ...
+
+    def save_model(self, model: Any, path: Path) -> None:
+        """Write ``model`` to the file ``path`` (the caller makes the write atomic)."""
+        ...
+
+    def load_model(self, path: Path) -> Any:
+        """A model handle read from a file written by ``save_model``."""
         ...
 
     def sample(self, model: Any, n: int, *, psi: float, seed: int) -> tuple[Array, Array | None]:
@@ -310,12 +325,26 @@ class _State:
         self.settings = settings
         self.folder = Path(state_dir) / f"{loop}-seed{seed}-{key}"
         self.n = cfg.generations
+        self.healing_start = cfg.healing_start
 
     def _stem(self, phase: Phase, generation: int) -> str:
         if phase == "loop":
             return f"g{generation:04d}"
-        # Healing depends on which generation it follows.
-        return f"after-g{self.n:04d}-h{generation:04d}"
+        # Healing depends on which generation it follows, and on how it starts (fresh healing kept
+        # the name it had before fine-tuning existed, so its finished generations are still found).
+        start = "-finetune" if self.healing_start == "finetune" else ""
+        return f"after-g{self.n:04d}{start}-h{generation:04d}"
+
+    def _model_path(self, phase: Phase, generation: int) -> Path:
+        return self.folder / f"{self._stem(phase, generation)}.model"
+
+    def save_model(self, backend: GenerativeBackend, model: Any, phase: Phase, generation: int) -> None:
+        with atomic_path(self._model_path(phase, generation)) as tmp:
+            backend.save_model(model, tmp)
+
+    def load_model(self, backend: GenerativeBackend, phase: Phase, generation: int) -> Any | None:
+        path = self._model_path(phase, generation)
+        return backend.load_model(path) if path.exists() else None
 
     def load(self, phase: Phase, generation: int) -> tuple[GenerationResult, Samples | None] | None:
         stem = self._stem(phase, generation)
@@ -330,6 +359,7 @@ class _State:
         return result, samples
 
     def save(self, result: GenerationResult, samples: Samples | None) -> None:
+        """Save a finished generation; a model it needs kept must be saved (:meth:`save_model`) first."""
         stem = self._stem(result.phase, result.generation)
         if samples is not None:
             arrays = {"images": samples.images}
@@ -363,6 +393,16 @@ def _check_real(real_train: Array, real_labels: Array | None) -> None:
         raise DataError(f"{len(real_labels)} real labels for {len(real_train)} real images")
 
 
+def _continued(phase: Phase, generation: int, cfg: CollapseConfig) -> bool:
+    """Whether the next step fine-tunes this step's model: the last loop generation and every healing
+    generation but the last, when healing starts from the previous model."""
+    if cfg.healing_generations == 0 or cfg.healing_start != "finetune":
+        return False
+    if phase == "loop":
+        return generation == cfg.generations
+    return generation < cfg.healing_generations
+
+
 def _as_samples(out: tuple[Array, Array | None], n: int) -> Samples:
     images, labels = out
     images = np.asarray(images, dtype=np.float32)
@@ -386,17 +426,21 @@ def run_loop(
     """Run loop ``loop`` for ``seed``: generations 0..N, then healing generations 1..H, in order.
 
     ``real_train`` (P, C, H, W) float32 in [0, 1] is the real pool (labels (P,)
-    or None); it is shuffled once under ``seed``. Each generation fits a fresh
-    model on :func:`build_training_set`'s set, draws ``samples_per_generation``
-    samples (the later generations' data; loop phase only) and ``eval_samples``
-    samples for ``backend.evaluate``, all with truncation ``psi``.
+    or None); it is shuffled once under ``seed``. Each loop generation fits a
+    fresh model on :func:`build_training_set`'s set, draws
+    ``samples_per_generation`` samples (the later generations' data; loop phase
+    only) and ``eval_samples`` samples for ``backend.evaluate``, all with
+    truncation ``psi``. A healing generation fine-tunes the previous step's
+    model on the real set (``healing_start: finetune``) or fits a fresh one.
 
     ``on_generation(result)`` and ``sample_grid(result, eval sample images)``
     are called after each generation computed by this call. With ``state_dir``,
     every finished generation is written there (atomically) and a rerun loads
     the finished prefix instead of refitting: it continues after the last
-    finished generation, also when N has been raised since. Returns every
-    generation's result, loaded ones included.
+    finished generation, also when N has been raised since. A model the next
+    step fine-tunes is saved with its generation; a generation whose model is
+    needed but was not saved (its state predates the fine-tuning) is refitted,
+    with the same seed. Returns every generation's result, loaded ones included.
     """
     if loop not in _BUILDERS:
         raise ValueError(f"unknown loop {loop!r} (known: {', '.join(_BUILDERS)})")
@@ -410,9 +454,17 @@ def run_loop(
     history: list[Samples] = []
     results: list[GenerationResult] = []
     resuming = state is not None
+    previous_model: Any = None  # the model the next step fine-tunes, when it does
     for phase, generation, step in steps:
+        keep = _continued(phase, generation, cfg)
         if resuming:
             loaded = state.load(phase, generation)  # type: ignore[union-attr]
+            if loaded is not None and keep:
+                kept = state.load_model(backend, phase, generation)  # type: ignore[union-attr]
+                if kept is None:
+                    loaded = None  # finished before its model was kept: refit it (same seed, same set)
+                else:
+                    previous_model = kept
             if loaded is not None:
                 result, samples = loaded
                 results.append(result)
@@ -425,7 +477,8 @@ def run_loop(
         start = time.perf_counter()
         rng = np.random.default_rng(derive_seed(seed, step, _COMPOSE))
         images, labels, provenance = build_training_set(loop, generation, pool, history, cfg, rng, phase=phase)
-        model = backend.fit(images, labels, seed=derive_seed(seed, step, _FIT), generation=step)
+        init = previous_model if phase == "healing" and cfg.healing_start == "finetune" else None
+        model = backend.fit(images, labels, seed=derive_seed(seed, step, _FIT), generation=step, init=init)
         samples = None
         if phase == "loop":
             samples = _as_samples(
@@ -447,7 +500,10 @@ def run_loop(
             seconds=time.perf_counter() - start,
         )
         if state is not None:
+            if keep:
+                state.save_model(backend, model, phase, generation)
             state.save(result, samples)
+        previous_model = model if keep else None
         if samples is not None:
             history.append(samples)
         results.append(result)
@@ -624,7 +680,11 @@ class GaussianBackend:
         self.clip = clip  # clip samples to [0, 1] like images (this biases the variance)
         self.reference = None if reference is None else np.asarray(reference, np.float64).reshape(len(reference), -1)
 
-    def fit(self, images: Array, labels: Array | None, *, seed: int, generation: int) -> GaussianModel:
+    def fit(
+        self, images: Array, labels: Array | None, *, seed: int, generation: int, init: GaussianModel | None = None
+    ) -> GaussianModel:
+        # ``init`` is not used: a maximum-likelihood fit has no state to continue from, so fine-tuning
+        # the Gaussian on real data is refitting it.
         x = np.asarray(images, np.float64).reshape(len(images), -1)
         n, d = x.shape
         if n < 1:
@@ -644,6 +704,14 @@ class GaussianBackend:
         if self.clip:
             x = np.clip(x, 0.0, 1.0)
         return x.reshape(n, *model.shape).astype(np.float32), None
+
+    def save_model(self, model: GaussianModel, path: Path) -> None:
+        with open(path, "wb") as fh:  # a file object: np.savez would append ".npz" to a path
+            np.savez(fh, mean=model.mean, factor=model.factor, shape=np.asarray(model.shape))
+
+    def load_model(self, path: Path) -> GaussianModel:
+        with np.load(path, allow_pickle=False) as z:
+            return GaussianModel(z["mean"], z["factor"], tuple(int(s) for s in z["shape"]))
 
     def evaluate(
         self, model: GaussianModel, samples: Array, sample_labels: Array | None, *, generation: int
@@ -1188,6 +1256,14 @@ def _metric_order(names: Iterable[str]) -> list[str]:
     return sorted(names, key=lambda n: (preferred.index(n) if n in preferred else len(preferred), n))
 
 
+def _healing_phrase(settings: dict[str, Any]) -> str:
+    """ "2 healing (finetune)" from a study's settings; studies run before ``healing_start`` healed fresh."""
+    count = int(settings.get("healing_generations", 0) or 0)
+    if count == 0:
+        return "no healing"
+    return f"{count} healing ({settings.get('healing_start', 'fresh')})"
+
+
 def collapse_report_section(params: Any, paths: Any) -> str:
     """HTML fragment for ``reports/index.html``: the collapse study of every dataset of ``collapse.datasets``.
 
@@ -1212,9 +1288,10 @@ def collapse_report_section(params: Any, paths: Any) -> str:
         "on the real data plus every earlier generation's samples, <i>augment</i> on a fixed real subset plus a "
         "share of the previous samples, <i>fresh</i> on new real data plus a share of the previous samples. "
         "Quality and diversity are measured in the domain classifier's feature space against held-out real test "
-        "images. Healing generations train a fresh model on the fixed real subset, as every generation does, so "
-        "they do not depend on the loop before them: they are a control (generation 0 refitted with another seed), "
-        "not the fine-tuning of the collapsed model that Bohacek and Farid (2023) report does not fully heal.</p>"
+        "images. Healing generations train on the fixed real subset only: with <i>finetune</i> each continues "
+        "training the previous generation's model, as Bohacek and Farid (2023) retrain a collapsed model on real "
+        "data (they report that it does not fully heal); with <i>fresh</i> each trains a new model, a control that "
+        "does not depend on the loop before it.</p>"
     )
     for dataset in datasets:
         metrics_path = paths.study_metrics("collapse", dataset)
@@ -1236,7 +1313,7 @@ def collapse_report_section(params: Any, paths: Any) -> str:
             + esc(
                 f"Model {s.get('model')} ({s.get('family')}{latent}); loops {', '.join(s.get('loops', []))}; "
                 f"seeds {', '.join(str(x) for x in s.get('seeds', []))}; {s.get('generations')} generations after "
-                f"generation 0, {s.get('healing_generations', 0)} healing; real_size {s.get('real_size')}, "
+                f"generation 0, {_healing_phrase(s)}; real_size {s.get('real_size')}, "
                 f"{s.get('samples_per_generation')} samples per generation, synthetic fraction "
                 f"{s.get('synthetic_fraction')}, psi {s.get('psi')}; metrics on {s.get('eval_samples')} samples "
                 f"against {s.get('n_reference')} real test images."

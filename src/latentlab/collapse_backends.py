@@ -2,7 +2,10 @@
 
 Each backend implements :class:`latentlab.collapse.GenerativeBackend`: ``fit``
 trains a *fresh* network on the generation's training set (N, C, H, W) float32
-in [0, 1], ``sample`` draws from it, ``evaluate`` scores the drawn samples.
+in [0, 1], or continues training a copy of a given one (a fine-tuned healing
+generation: same training settings, new optimiser state), ``sample`` draws from
+it, ``evaluate`` scores the drawn samples, ``save_model`` / ``load_model``
+persist its weights.
 They are chosen through a small registry keyed by the type of the zoo entry
 (:class:`~latentlab.config.VaeSpec`, :class:`~latentlab.config.GanSpec`).
 
@@ -34,6 +37,7 @@ training set (never on real data in a fully synthetic loop).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -128,20 +132,52 @@ def build_backend(spec: Any, context: BackendContext) -> GenerativeBackend:
     raise TypeError(f"no collapse backend for {type(spec).__name__} (known: {known})")
 
 
-def _checkpoint(folder: Path | None, generation: int) -> Path | None:
-    return None if folder is None else folder / f"fit-step{generation:04d}.pt"
+def _weights_digest(module: torch.nn.Module) -> str:
+    """A hash of every tensor of ``module``'s state (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _checkpoint(folder: Path | None, generation: int, init: torch.nn.Module | None = None) -> Path | None:
+    """The resumable state of one fit. A fine-tuning fit's name carries its starting weights: the
+    engines' fingerprints cover the architecture, settings, seed and data, not the initial weights."""
+    if folder is None:
+        return None
+    start = "" if init is None else f"-from-{_weights_digest(init)[:16]}"
+    return folder / f"fit-step{generation:04d}{start}.pt"
 
 
 def _drop_checkpoint(folder: Path | None, generation: int) -> None:
     # The generation is finished once evaluated (its result is saved right after):
     # its mid-training state is no longer needed.
-    path = _checkpoint(folder, generation)
-    if path is not None and path.exists():
-        path.unlink()
+    if folder is not None:
+        for path in folder.glob(f"fit-step{generation:04d}*.pt"):
+            path.unlink()
 
 
 def _cpu_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
+
+
+class _ModuleFiles:
+    """``save_model`` / ``load_model`` of a backend whose model is a torch module built by ``_build``."""
+
+    context: BackendContext
+
+    def _build(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def save_model(self, model: torch.nn.Module, path: Path) -> None:
+        torch.save(model.state_dict(), path)
+
+    def load_model(self, path: Path) -> torch.nn.Module:
+        model = self._build()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.to(self.context.device).eval()
 
 
 # ---------------------------------------------------------------------- VAE
@@ -157,7 +193,7 @@ def _training_update(context: BackendContext, training: Any) -> dict[str, Any]:
     return update
 
 
-class VaeBackend:
+class VaeBackend(_ModuleFiles):
     """A VAE of generate.zoo trained with :func:`latentlab.engine.fit`.
 
     Samples are the decoder's mean images of ``z ~ N(0, psi^2 I)`` (what the
@@ -175,9 +211,13 @@ class VaeBackend:
         self.heldout = binarise(heldout, HELDOUT_SEED) if spec.likelihood == "bernoulli" else heldout
         self.training = spec.training.model_copy(update=_training_update(context, spec.training))
 
-    def fit(self, images: Array, labels: Array | None, *, seed: int, generation: int) -> Any:
-        from latentlab import engine
+    def _build(self) -> torch.nn.Module:
         from latentlab.models.base import build_model
+
+        return build_model(self.spec.family, self.context.sample_shape, self.latent_size, **self.spec.family_options())
+
+    def fit(self, images: Array, labels: Array | None, *, seed: int, generation: int, init: Any = None) -> Any:
+        from latentlab import engine
 
         images = np.asarray(images, np.float32)
         n = len(images)
@@ -187,7 +227,7 @@ class VaeBackend:
         n_val = min(n - 1, max(1, round(VAL_FRACTION * n)))
         val, train = images[np.sort(order[:n_val])], images[np.sort(order[n_val:])]
         torch.manual_seed(seed)
-        model = build_model(self.spec.family, self.context.sample_shape, self.latent_size, **self.spec.family_options())
+        model = self._build() if init is None else copy.deepcopy(init)
         result = engine.fit(
             model,
             engine.TrainingData(train),
@@ -195,7 +235,7 @@ class VaeBackend:
             self.training,
             seed=seed,
             device=self.context.device,
-            checkpoint=_checkpoint(self.context.checkpoint_dir, generation),
+            checkpoint=_checkpoint(self.context.checkpoint_dir, generation, init),
             progress=False,
         )
         return result.model
@@ -220,7 +260,7 @@ class VaeBackend:
 
 
 # ---------------------------------------------------------------------- GAN
-class GanBackend:
+class GanBackend(_ModuleFiles):
     """A GAN of generate.zoo trained with :func:`latentlab.adversarial.fit_gan`.
 
     An unconditional pair ignores the training labels and draws unlabelled
@@ -237,20 +277,25 @@ class GanBackend:
         self.conditional = spec.family == "cgan"
         self.training = spec.training.model_copy(update=_training_update(context, spec.training))
 
-    def fit(self, images: Array, labels: Array | None, *, seed: int, generation: int) -> Any:
-        from latentlab.adversarial import fit_gan
+    def _build(self) -> torch.nn.Module:
         from latentlab.models.gan import build_gan
 
-        if self.conditional and labels is None:
-            raise DataError(f"{self.spec.family}: a conditional GAN needs labelled training images")
-        torch.manual_seed(seed)
-        pair = build_gan(
+        return build_gan(
             self.spec.family,
             self.context.sample_shape,
             self.spec.latent_dim,
             self.context.num_classes if self.conditional else None,
             **self.spec.family_options(),
         )
+
+    def fit(self, images: Array, labels: Array | None, *, seed: int, generation: int, init: Any = None) -> Any:
+        from latentlab.adversarial import fit_gan
+
+        if self.conditional and labels is None:
+            raise DataError(f"{self.spec.family}: a conditional GAN needs labelled training images")
+        torch.manual_seed(seed)
+        # Fine-tuning continues both networks: the discriminator's state is part of what was learnt.
+        pair = self._build() if init is None else copy.deepcopy(init)
         result = fit_gan(
             pair,
             np.asarray(images, np.float32),
@@ -258,7 +303,7 @@ class GanBackend:
             self.training,
             seed=seed,
             device=self.context.device,
-            checkpoint=_checkpoint(self.context.checkpoint_dir, generation),
+            checkpoint=_checkpoint(self.context.checkpoint_dir, generation, init),
             progress=False,
         )
         return result.pair

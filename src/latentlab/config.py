@@ -445,6 +445,7 @@ class GenerateConfig(Section):
 # ------------------------------------------------------------------ collapse
 LoopName = Literal["replace", "accumulate", "augment", "fresh"]
 LOOPS: tuple[str, ...] = ("replace", "accumulate", "augment", "fresh")
+HealingStart = Literal["finetune", "fresh"]
 
 
 class CollapseConfig(Section):
@@ -466,6 +467,9 @@ class CollapseConfig(Section):
     )
     psi: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0  # truncation of sampling: 1 = unbiased, < 1 = nearer the mode
     healing_generations: Annotated[int, Field(ge=0)] = 0  # H: generations on real data only after N; 0 = none
+    # How a healing generation starts: "finetune" continues training the previous generation's model on the
+    # real data (Bohacek and Farid 2023); "fresh" trains a new model (a control: it forgets the loop).
+    healing_start: HealingStart = "finetune"
     eval_samples: Annotated[int, Field(ge=2)] = 2000  # samples drawn from each generation's model for its metrics
 
     @property

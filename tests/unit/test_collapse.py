@@ -53,14 +53,22 @@ class TracingBackend:
 
     def __init__(self, fail_at: int | None = None) -> None:
         self.fits: list[tuple[int, np.ndarray]] = []  # (generation, labels)
+        self.inits: list[int | None] = []  # the step of the model each fit started from (None: fresh)
         self.fail_at = fail_at
 
-    def fit(self, images, labels, *, seed, generation):
+    def fit(self, images, labels, *, seed, generation, init=None):
         if generation == self.fail_at:
             raise RuntimeError(f"killed at generation {generation}")
         assert images.dtype == np.float32 and images.shape[1:] == (1, 1, 2)
         self.fits.append((generation, labels.copy()))
+        self.inits.append(None if init is None else init["generation"])
         return {"generation": generation, "mean": float(images.mean())}
+
+    def save_model(self, model, path):
+        path.write_text(json.dumps(model))
+
+    def load_model(self, path):
+        return json.loads(path.read_text())
 
     def sample(self, model, n, *, psi, seed):
         return _synthetic(model["generation"], n)
@@ -209,6 +217,22 @@ def test_run_loop_fits_the_composed_sets_then_heals_on_real_data_only(loop):
     assert results[3].n_synthetic == expected_synthetic
 
 
+@pytest.mark.parametrize("start", ["finetune", "fresh"])
+def test_healing_continues_from_the_previous_model_or_starts_fresh(start):
+    images, labels = _pool()
+    cfg = _cfg(generations=3, healing_generations=2, healing_start=start)
+    backend = TracingBackend()
+    run_loop("replace", 0, backend, images, labels, cfg)
+    # Loop generations always start fresh; healing 1 (step 4) fine-tunes generation 3, healing 2 healing 1.
+    expected = [None, None, None, None, 3, 4] if start == "finetune" else [None] * 6
+    assert backend.inits == expected
+
+
+def test_healing_start_must_be_known():
+    with pytest.raises(ValidationError, match="healing_start"):
+        _cfg(healing_start="warm")
+
+
 def test_run_loop_rejects_integer_images():
     images, labels = _pool()
     with pytest.raises(DataError, match="float"):
@@ -308,13 +332,17 @@ class CountingGaussian(GaussianBackend):
     def __init__(self, fail_at: int | None = None) -> None:
         super().__init__()
         self.fitted: list[int] = []
+        self.inits: list[Any] = []  # the model each fit was given to start from
+        self.models: list[Any] = []  # every model fitted, in order
         self.fail_at = fail_at
 
-    def fit(self, images, labels, *, seed, generation):
+    def fit(self, images, labels, *, seed, generation, init=None):
         if generation == self.fail_at:
             raise RuntimeError("killed")
         self.fitted.append(generation)
-        return super().fit(images, labels, seed=seed, generation=generation)
+        self.inits.append(init)
+        self.models.append(super().fit(images, labels, seed=seed, generation=generation, init=init))
+        return self.models[-1]
 
 
 @pytest.mark.parametrize("loop", ["replace", "accumulate", "fresh"])
@@ -349,6 +377,64 @@ def test_a_killed_run_resumes_after_its_last_finished_generation(tmp_path):
     again = CountingGaussian()
     assert _strip(run_loop("accumulate", 2, again, images, labels, cfg, state_dir=tmp_path)) == _strip(results)
     assert again.fitted == []
+
+
+def _same_gaussian(a, b) -> bool:
+    return bool(np.array_equal(a.mean, b.mean) and np.array_equal(a.factor, b.factor) and a.shape == b.shape)
+
+
+def test_a_run_killed_while_healing_fine_tunes_the_saved_model(tmp_path):
+    images, labels = _pool()
+    cfg = _cfg(generations=2, healing_generations=2, samples_per_generation=12, real_size=12)
+    straight = CountingGaussian()
+    expected = run_loop("augment", 0, straight, images, labels, cfg)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_loop("augment", 0, CountingGaussian(fail_at=4), images, labels, cfg, state_dir=tmp_path)
+    # Only the models a later step starts from are kept: generation N and healing 1 (not healing 2).
+    kept = sorted(p.name for p in tmp_path.rglob("*.model"))
+    assert kept == ["after-g0002-finetune-h0001.model", "g0002.model"]
+
+    resumed = CountingGaussian()
+    results = run_loop("augment", 0, resumed, images, labels, cfg, state_dir=tmp_path)
+    assert resumed.fitted == [4]
+    # Healing 2 started from healing 1's model as read back from disk, identical to the one fitted.
+    assert _same_gaussian(resumed.inits[0], straight.models[3])
+    assert _strip(results) == _strip(expected)
+
+
+def test_a_generation_whose_model_was_not_kept_is_refitted_when_a_later_step_needs_it(tmp_path):
+    images, labels = _pool()
+    cfg = _cfg(generations=2, healing_generations=1, samples_per_generation=12, real_size=12)
+    fitted = CountingGaussian()
+    first = run_loop("replace", 0, fitted, images, labels, cfg, state_dir=tmp_path)
+    # Two healing generations now: healing 1's model is needed but was not kept (it was the last).
+    more = cfg.model_copy(update={"healing_generations": 2})
+    resumed = CountingGaussian()
+    results = run_loop("replace", 0, resumed, images, labels, more, state_dir=tmp_path)
+    assert resumed.fitted == [3, 4]  # healing 1 refitted from generation 2's saved model, then healing 2
+    assert _same_gaussian(resumed.inits[0], fitted.models[2])
+    assert _same_gaussian(resumed.inits[1], resumed.models[0])
+    assert _strip(results[:4]) == _strip(first)
+    # A state without generation N's model (written before fine-tuning existed) refits generation N too.
+    for path in tmp_path.rglob("*.model"):
+        path.unlink()
+    again = CountingGaussian()
+    assert _strip(run_loop("replace", 0, again, images, labels, more, state_dir=tmp_path)) == _strip(results)
+    assert again.fitted == [2, 3, 4]
+
+
+def test_fresh_healing_keeps_no_model_and_its_own_state(tmp_path):
+    images, labels = _pool()
+    cfg = _cfg(generations=2, healing_generations=1, healing_start="fresh", samples_per_generation=12, real_size=12)
+    run_loop("replace", 0, CountingGaussian(), images, labels, cfg, state_dir=tmp_path)
+    assert not list(tmp_path.rglob("*.model"))
+    assert [p.name for p in tmp_path.rglob("after-*.json")] == ["after-g0002-h0001.json"]
+    # Fine-tuned healing is another result: it is computed, not read from the fresh one.
+    finetune = CountingGaussian()
+    run_loop(
+        "replace", 0, finetune, images, labels, cfg.model_copy(update={"healing_start": "finetune"}), state_dir=tmp_path
+    )
+    assert finetune.fitted == [2, 3]  # generation 2 again, to keep its model; then the fine-tuned healing
 
 
 def test_changed_settings_do_not_reuse_stale_state(tmp_path):

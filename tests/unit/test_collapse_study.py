@@ -102,14 +102,25 @@ def _params(**collapse: Any) -> Params:
     return parse_params(raw)
 
 
-def _count_fits(monkeypatch: pytest.MonkeyPatch, backend: type) -> list[tuple[int, int]]:
-    """Record (generation, training-set size) of every fit of ``backend``."""
-    calls: list[tuple[int, int]] = []
+class FitLog(list):
+    """(generation, training-set size) of every fit; ``starts``: (generation, weights digest of the
+    model it started from) of every fine-tuning fit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts: list[tuple[int, str]] = []
+
+
+def _count_fits(monkeypatch: pytest.MonkeyPatch, backend: type) -> FitLog:
+    """Record every fit of ``backend`` (see :class:`FitLog`)."""
+    calls = FitLog()
     original = backend.fit
 
-    def counted(self, images, labels, *, seed, generation):
+    def counted(self, images, labels, *, seed, generation, init=None):
         calls.append((generation, len(images)))
-        return original(self, images, labels, seed=seed, generation=generation)
+        if init is not None:
+            calls.starts.append((generation, cb._weights_digest(init)))
+        return original(self, images, labels, seed=seed, generation=generation, init=init)
 
     monkeypatch.setattr(backend, "fit", counted)
     return calls
@@ -143,6 +154,11 @@ def test_vae_study_writes_every_output_and_a_rerun_fits_nothing(tmp_path, monkey
     # Generation 0 trains on the same real data under every loop: the same model and metrics (paired).
     g0 = {(r["loop"], r["seed"]): r["metrics"] for r in metrics["results"] if r["generation"] == 0}
     assert g0[("replace", 0)] == g0[("accumulate", 0)]
+    # Healing fine-tunes each loop's own last model (step 3 starts from generation 2's weights, one per
+    # loop and seed), so, unlike generation 0, it differs between the loops.
+    assert [g for g, _ in fits.starts] == [3, 3, 3, 3] and len({d for _, d in fits.starts}) == 4
+    heal = {(r["loop"], r["seed"]): r["metrics"] for r in metrics["results"] if r["phase"] == "healing"}
+    assert heal[("replace", 0)] != heal[("accumulate", 0)]
     # accumulate at generation 2: 30 real + 2 x 30 synthetic images.
     acc2 = next(r for r in metrics["results"] if _key(r) == ("accumulate", 0, "loop", 2))
     assert (acc2["n_real"], acc2["n_synthetic"]) == (30, 60)
@@ -171,8 +187,9 @@ def test_vae_study_writes_every_output_and_a_rerun_fits_nothing(tmp_path, monkey
         *listing["generation_grids"]["replace"],
     ]:
         assert (figures / name).read_bytes()[:4] == b"\x89PNG"
-    # Fit checkpoints are dropped once a generation is finished.
+    # Fit checkpoints are dropped once a generation is finished; the model healing started from is kept.
     assert not list(paths.collapse_state(DATASET).rglob("fit-*.pt"))
+    assert len(list(paths.collapse_state(DATASET).rglob("g0002.model"))) == 4
 
     # A rerun loads every generation: no fit, identical results, the same figures.
     fits.clear()
@@ -184,7 +201,7 @@ def test_vae_study_writes_every_output_and_a_rerun_fits_nothing(tmp_path, monkey
 
     # The report fragment: the verdict, every loop, figures that exist.
     html = collapse_report_section(params, paths)
-    assert "replace" in html and "accumulate" in html
+    assert "replace" in html and "accumulate" in html and "1 healing (finetune)" in html
     assert metrics["pattern"]["verdict"].split(":")[0] in html
     for src in [part.split('"')[0] for part in html.split('src="')[1:]]:
         assert (paths.reports / src).exists(), src
@@ -222,6 +239,23 @@ def test_subset_pairs_then_the_whole_study_loads_what_was_run(tmp_path, monkeypa
         run_collapse_pairs(params, DATASET, paths, loops=["fresh"])
     with pytest.raises(ValueError, match="collapse.seeds"):
         run_collapse(params, DATASET, paths, seeds=[7])
+
+
+def test_more_healing_refits_the_last_one_from_its_saved_start_and_gets_the_same_result(tmp_path, monkeypatch):
+    paths = _write_project(tmp_path)
+    params = _params(loops=["replace"], seeds=[0], generations=1)
+    first = run_collapse_pairs(params, DATASET, paths)
+    # Healing 2 needs healing 1's model, which was not kept: healing 1 is refitted, starting from
+    # generation 1's weights read back from disk. On the CPU that reproduces it exactly.
+    fits = _count_fits(monkeypatch, cb.VaeBackend)
+    more = params.model_copy(update={"collapse": params.collapse.model_copy(update={"healing_generations": 2})})
+    again = run_collapse_pairs(more, DATASET, paths)
+    assert [g for g, _ in fits] == [2, 3] and [g for g, _ in fits.starts] == [2, 3]
+    assert [r.metrics for r in again[:3]] == [r.metrics for r in first]
+    # A fine-tuned healing generation is not a fresh model on the same data.
+    fresh = params.model_copy(update={"collapse": params.collapse.model_copy(update={"healing_start": "fresh"})})
+    control = run_collapse_pairs(fresh, DATASET, paths)
+    assert control[:2] == first[:2] and control[2].metrics != first[2].metrics
 
 
 def test_a_changed_backend_setting_gets_its_own_state_folder(tmp_path):
@@ -344,3 +378,34 @@ def test_collapse_pattern_skips_near_zero_shares():
 def test_report_section_without_results_says_not_run(tmp_path):
     html = collapse_report_section(_params(), ProjectPaths(tmp_path))
     assert "not run on tiny" in html and "<img" not in html
+
+
+@pytest.mark.parametrize("family", ["gan", "vae"])
+def test_backend_fine_tunes_a_copy_and_round_trips_its_model(tmp_path, family):
+    paths = _write_project(tmp_path)
+    test = np.random.default_rng(1).random((30, 1, SIZE, SIZE), dtype=np.float32)
+    context = cb.study_backends(_params(), DATASET, paths, test, 3).context
+    if family == "gan":
+        spec: Any = GanSpec(
+            family="gan", latent_dim=4, g_hidden=(8,), d_hidden=(8,), training={"epochs": 1, "batch_size": 8}
+        )
+    else:
+        spec = VaeSpec(
+            family="vae_mlp", latent_sizes=(2,), hidden=(8,), training={"epochs": 1, "min_steps": 0, "batch_size": 8}
+        )
+    backend = cb.build_backend(spec, context)
+    first = backend.fit(test[:24], None, seed=3, generation=0)
+    before = cb._weights_digest(first)
+    tuned = backend.fit(test[6:], None, seed=5, generation=1, init=first)
+    assert cb._weights_digest(first) == before  # the starting model is not changed in place
+    assert tuned is not first and cb._weights_digest(tuned) != before
+    # A fine-tuning fit's checkpoint is named by its start: a killed one never resumes another's.
+    names = {cb._checkpoint(tmp_path, 1), cb._checkpoint(tmp_path, 1, first), cb._checkpoint(tmp_path, 1, tuned)}
+    assert len(names) == 3
+    # Saved and loaded, the model draws the same samples.
+    backend.save_model(tuned, tmp_path / "m.model")
+    loaded = backend.load_model(tmp_path / "m.model")
+    assert cb._weights_digest(loaded) == cb._weights_digest(tuned)
+    np.testing.assert_array_equal(
+        backend.sample(loaded, 5, psi=1.0, seed=9)[0], backend.sample(tuned, 5, psi=1.0, seed=9)[0]
+    )
