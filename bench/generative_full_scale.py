@@ -72,7 +72,23 @@ def build_params(args: argparse.Namespace) -> dict:
             training["epochs"] = args.epochs
         if args.max_train_samples is not None:
             training["max_train_samples"] = args.max_train_samples
+    for assignment in args.set:
+        set_param(params, assignment)
     return params
+
+
+def set_param(params: dict, assignment: str) -> None:
+    """Apply ``KEY=VALUE`` (``KEY`` dotted as in ``dvc exp run -S``, ``VALUE`` read as YAML) to ``params``."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--set {assignment!r}: expected KEY=VALUE, e.g. generate.zoo.vae_mlp.importance_samples=5")
+    *parents, leaf = key.split(".")
+    node = params
+    for depth, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SystemExit(f"--set {assignment!r}: {'.'.join(parents[: depth + 1])} is not a section")
+    node[leaf] = yaml.safe_load(raw)
 
 
 def _run_pair(root: Path, dataset: str, loop: str, seed: int) -> str:
@@ -125,12 +141,29 @@ def print_quality_table(dataset: str, classifier: dict, models: dict[str, dict])
             )
 
 
+def print_collapse_table(summary: dict, generations: int, healing_start: str) -> None:
+    """Per loop: generation 0, the last loop generation and every healing generation (mean over seeds)."""
+    keys = ["frechet_distance", "recall", "coverage", "heldout_neg_elbo"]
+    print(f"\n{'loop':<12}{'generation':>14}" + "".join(f"{k[:16]:>18}" for k in keys))
+    for row in summary["rows"]:
+        if row["phase"] == "loop" and row["generation"] not in (0, generations):
+            continue
+        label = f"g{row['generation']}" if row["phase"] == "loop" else f"heal {row['generation']} ({healing_start})"
+        cells = "".join(f"{row['mean'].get(k, float('nan')):>18.4f}" for k in keys)
+        print(f"{row['loop']:<12}{label:>14}{cells}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=REPO / "bench" / "work" / "generative")
     parser.add_argument("--shared", type=Path, default=SHARED, help="folder holding mnist/ and fashion-mnist/")
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"])
-    parser.add_argument("--models", nargs="+", default=["vae_mlp", "vae_conv", "gan", "dcgan", "cgan"])
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=["vae_mlp", "vae_conv", "gan", "dcgan", "cgan"],
+        help="generative models trained and scored (none: only the classifier and the collapse study)",
+    )
     parser.add_argument("--collapse-dataset", default="mnist", help="dataset of the collapse study ('' = none)")
     parser.add_argument("--generations", type=int, default=None, help="override collapse.generations")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override collapse.seeds")
@@ -144,6 +177,13 @@ def main() -> int:
         "--jobs", type=int, default=1, help="processes running the collapse (loop, seed) pairs at once (1 = in turn)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (train.threads)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one parameter after the others, e.g. generate.zoo.vae_mlp.importance_samples=5 (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "generative_full_scale.json")
     args = parser.parse_args()
     if not args.shared.exists():
@@ -183,7 +223,8 @@ def main() -> int:
             timings[f"{dataset}/{model}"] = time.perf_counter() - t0
             models[model] = metrics
         result[dataset] = {"classifier": classifier, "models": models}
-        print_quality_table(dataset, classifier, models)
+        if models:
+            print_quality_table(dataset, classifier, models)
     if args.collapse_dataset:
         t0 = time.perf_counter()
         if args.jobs > 1:
@@ -195,6 +236,7 @@ def main() -> int:
         for metric, per_loop in collapse.get("relative_change", {}).items():
             print(f"  {metric:<20}" + "  ".join(f"{loop} {v:+.3f}" for loop, v in per_loop.items()))
         print(f"  verdict: {collapse.get('pattern', {}).get('verdict', '')}")
+        print_collapse_table(collapse["summary"], params.collapse.generations, params.collapse.healing_start)
     result["timings_s"] = timings
     result["total_seconds"] = time.perf_counter() - started
     write_json(args.out, result)
