@@ -477,8 +477,8 @@ def run_loop(
         start = time.perf_counter()
         rng = np.random.default_rng(derive_seed(seed, step, _COMPOSE))
         images, labels, provenance = build_training_set(loop, generation, pool, history, cfg, rng, phase=phase)
-        init = previous_model if phase == "healing" and cfg.healing_start == "finetune" else None
-        model = backend.fit(images, labels, seed=derive_seed(seed, step, _FIT), generation=step, init=init)
+        # Set only after a step whose model the next one fine-tunes (see _continued), else None.
+        model = backend.fit(images, labels, seed=derive_seed(seed, step, _FIT), generation=step, init=previous_model)
         samples = None
         if phase == "loop":
             samples = _as_samples(
