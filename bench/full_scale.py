@@ -18,6 +18,7 @@ writes bench/results/full_scale.json.
     python bench/full_scale.py                       # the full settings (hours on CPU; use a GPU)
     python bench/full_scale.py --epochs 5 --models pca deep conv_plus   # a shorter run, reported as such
     python bench/full_scale.py --jobs 8 --threads 2                     # on a GPU machine with 16 cores
+    python bench/full_scale.py --models pca conv_plus --set 'train.zoo.conv_plus.latent_sizes=[4]'
 
 Checkpoints make it resumable: rerun the same command after an interruption.
 """
@@ -39,7 +40,8 @@ AUROC_TARGETS = {"mnist": 0.95, "fashion_mnist": 0.92}
 
 
 def build_params(args: argparse.Namespace) -> dict:
-    from latentlab.overlay import merge
+    from latentlab.errors import ConfigError
+    from latentlab.overlay import merge, set_dotted
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params = merge(params, yaml.safe_load((REPO / "configs" / "full_scale.yaml").read_text()))
@@ -63,6 +65,11 @@ def build_params(args: argparse.Namespace) -> dict:
         for spec in params["train"]["zoo"].values():
             spec.setdefault("training", {})["max_train_samples"] = args.max_train_samples
         params["evaluate"]["anomaly"]["training"]["max_train_samples"] = args.max_train_samples
+    for assignment in args.set:
+        try:
+            set_dotted(params, assignment)
+        except ConfigError as exc:
+            raise SystemExit(f"--set {exc}") from None
     return params
 
 
@@ -113,6 +120,13 @@ def main() -> int:
     )
     parser.add_argument("--jobs", type=int, default=1, help="(dataset, model) trainings run at once, in processes")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one parameter after the others, e.g. train.zoo.conv_plus.latent_sizes=[4] (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "full_scale.json")
     args = parser.parse_args()
     if not args.shared.exists():

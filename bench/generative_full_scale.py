@@ -40,7 +40,8 @@ NLL_TARGET = 86.0
 
 
 def build_params(args: argparse.Namespace) -> dict:
-    from latentlab.overlay import merge
+    from latentlab.errors import ConfigError
+    from latentlab.overlay import merge, set_dotted
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params = merge(params, yaml.safe_load((REPO / "configs" / "full_scale.yaml").read_text()))
@@ -73,22 +74,11 @@ def build_params(args: argparse.Namespace) -> dict:
         if args.max_train_samples is not None:
             training["max_train_samples"] = args.max_train_samples
     for assignment in args.set:
-        set_param(params, assignment)
+        try:
+            set_dotted(params, assignment)
+        except ConfigError as exc:
+            raise SystemExit(f"--set {exc}") from None
     return params
-
-
-def set_param(params: dict, assignment: str) -> None:
-    """Apply ``KEY=VALUE`` (``KEY`` dotted as in ``dvc exp run -S``, ``VALUE`` read as YAML) to ``params``."""
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key:
-        raise SystemExit(f"--set {assignment!r}: expected KEY=VALUE, e.g. generate.zoo.vae_mlp.importance_samples=5")
-    *parents, leaf = key.split(".")
-    node = params
-    for depth, part in enumerate(parents):
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise SystemExit(f"--set {assignment!r}: {'.'.join(parents[: depth + 1])} is not a section")
-    node[leaf] = yaml.safe_load(raw)
 
 
 def _run_pair(root: Path, dataset: str, loop: str, seed: int) -> str:

@@ -34,6 +34,26 @@ def leaves(overlay: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def set_dotted(params: dict[str, Any], assignment: str) -> None:
+    """Apply ``KEY=VALUE`` to ``params`` in place: ``KEY`` dotted as in ``dvc exp run -S``
+    (missing sections are created), ``VALUE`` read as YAML (``[32]``, ``null``, ``5``).
+    Raises ConfigError naming the assignment when it is not ``KEY=VALUE`` or walks through a
+    key that is not a section."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{assignment!r}: expected KEY=VALUE, e.g. train.zoo.deep.training.epochs=40")
+    *parents, leaf = key.split(".")
+    node = params
+    for depth, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{assignment!r}: {'.'.join(parents[: depth + 1])} is not a section")
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{assignment!r}: the value is not YAML ({exc.__class__.__name__})") from None
+
+
 def overlay_args(params_path: Path, overlay_path: Path) -> list[str]:
     """``-S key=value`` arguments for ``dvc exp run`` that apply ``overlay_path``."""
     base = yaml.safe_load(Path(params_path).read_text(encoding="utf-8"))

@@ -178,3 +178,25 @@ def test_overlay_with_a_bad_key_is_rejected(tmp_path):
     result = runner.invoke(app, ["overlay-args", str(bad), "--root", str(REPO)])
     assert result.exit_code == 2
     assert "train.zoo.deep.training.epoch: unknown key" in result.output
+
+
+def test_set_dotted_assigns_yaml_values_and_names_bad_assignments():
+    # The benchmarks' --set KEY=VALUE: dotted keys as in `dvc exp run -S`, values read as YAML.
+    from latentlab.errors import ConfigError
+    from latentlab.overlay import set_dotted
+
+    params = {"train": {"zoo": {"deep": {"training": {"epochs": 6}}}}}
+    set_dotted(params, "train.zoo.deep.training.epochs=40")
+    set_dotted(params, "train.zoo.deep.latent_sizes=[4, 6]")
+    set_dotted(params, "train.zoo.deep.training.max_train_samples=null")
+    set_dotted(params, "evaluate.max_test_samples=500")  # a missing section is created
+    assert params == {
+        "train": {"zoo": {"deep": {"training": {"epochs": 40, "max_train_samples": None}, "latent_sizes": [4, 6]}}},
+        "evaluate": {"max_test_samples": 500},
+    }
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        set_dotted(params, "train.zoo.deep.training.epochs")
+    with pytest.raises(ConfigError, match="train.zoo.deep.training.epochs is not a section"):
+        set_dotted(params, "train.zoo.deep.training.epochs.x=1")
+    with pytest.raises(ConfigError, match="not YAML"):
+        set_dotted(params, "train.zoo.deep.hidden=[1, 2")
