@@ -37,8 +37,8 @@ def leaves(overlay: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def set_dotted(params: dict[str, Any], assignment: str) -> None:
     """Apply ``KEY=VALUE`` to ``params`` in place: ``KEY`` dotted as in ``dvc exp run -S``
     (missing sections are created), ``VALUE`` read as YAML (``[32]``, ``null``, ``5``).
-    Raises ConfigError naming the assignment when it is not ``KEY=VALUE`` or walks through a
-    key that is not a section."""
+    Raises ConfigError naming the assignment when it is not ``KEY=VALUE``, walks through a
+    key that is not a section, or has a value that is not YAML."""
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
         raise ConfigError(f"{assignment!r}: expected KEY=VALUE, e.g. train.zoo.deep.training.epochs=40")
