@@ -217,3 +217,23 @@ def test_input_noise_changes_training_but_not_validation():
     assert noisy.history[-1]["train_loss"] != clean.history[-1]["train_loss"]
     # Validation is scored on the uncorrupted images.
     assert noisy.best_val_loss == pytest.approx(engine.evaluate_loss(noisy.model, VAL, torch.device("cpu"))["loss"])
+
+
+def test_loaded_optimiser_state_keeps_this_runs_flags_and_parameter_layout():
+    # A checkpoint from an NCHW run loaded where the weights are channels-last (GPU graphs).
+    conv = torch.nn.Conv2d(3, 4, 3)
+    source = torch.optim.AdamW(conv.parameters())
+    conv(torch.rand(2, 3, 6, 6)).sum().backward()
+    source.step()
+    saved = source.state_dict()
+    conv.to(memory_format=torch.channels_last)
+    target = torch.optim.AdamW(conv.parameters(), foreach=False)
+    plain = torch.optim.AdamW(conv.parameters())
+    plain.load_state_dict(saved)
+    assert plain.state[conv.weight]["exp_avg"].stride() != conv.weight.stride()  # what load_state_dict leaves
+    engine._load_optimizer_state(target, saved)
+    assert target.param_groups[0]["foreach"] is False  # this optimiser's kernel flags, not the checkpoint's
+    for name in ("exp_avg", "exp_avg_sq"):
+        moved = target.state[conv.weight][name]
+        assert moved.stride() == conv.weight.stride()
+        assert torch.equal(moved, source.state[source.param_groups[0]["params"][0]][name])  # same values by index

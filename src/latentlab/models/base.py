@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 
@@ -54,7 +55,9 @@ class Autoencoder(nn.Module):
         """Mean squared reconstruction error per pixel (a Gaussian likelihood up to constants)."""
         target = x if target is None else target
         recon = self.reconstruct(x)
-        mse = torch.mean((recon - target) ** 2)
+        # The same value and gradient as torch.mean((recon - target) ** 2), bit for bit on CPU,
+        # in fewer CUDA kernels (one fused forward, one backward).
+        mse = F.mse_loss(recon, target)
         return ModelOutput(loss=mse, parts={"reconstruction": mse.detach()}, reconstruction=recon)
 
 
