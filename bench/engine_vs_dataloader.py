@@ -5,9 +5,9 @@ optimiser (Adam, lr 1e-3), same batch size (128), the same number of steps: whol
 epochs of the 60,000 real MNIST training images (469 steps each, the last of 96).
 The DataLoader loop is what most tutorials write: a Dataset that turns each
 uint8 image into a PIL image and applies ToTensor per sample, and a DataLoader
-that collates batches. The engine keeps the whole set
-as one tensor on the device and indexes it with a permutation, with its default
-bf16 autocast on a GPU (``--fp32`` turns it off); the DataLoader loop runs fp32.
+that collates batches. The engine keeps the whole set as one tensor on the
+device and indexes it with a permutation, with its default bf16 autocast on a
+GPU (``--fp32`` turns it off); the DataLoader loop runs fp32.
 
 Each side's time runs from the images in memory as a uint8 array to the last
 step finished: the engine's includes copying the set to the device, capturing
@@ -122,7 +122,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "engine_vs_dataloader.json")
     args = parser.parse_args()
-    args.amp = not args.fp32
+    amp = not args.fp32
     device = engine.pick_device("auto")
     images = read_idx_folder(args.mnist, MNIST_CLASSES, kind="mnist").parts["train"].x[:, 0]
 
@@ -132,17 +132,17 @@ def main() -> int:
     # of an epoch of 60,000, through each loop once.
     warm = images[: 16 * BATCH + len(images) % BATCH]
     dataloader_loop(warm, 1, device, args.seed)
-    engine_loop(warm, 1, device, args.seed, amp=args.amp)
-    engine_loop(warm, 1, device, args.seed, amp=args.amp, cuda_graph=device.type == "cuda")
+    engine_loop(warm, 1, device, args.seed, amp=amp)
+    engine_loop(warm, 1, device, args.seed, amp=amp, cuda_graph=device.type == "cuda")
     dl_ips, dl_loss = dataloader_loop(images, args.epochs, device, args.seed)
-    en_ips, en_loss, _ = engine_loop(images, args.epochs, device, args.seed, amp=args.amp)
+    en_ips, en_loss, _ = engine_loop(images, args.epochs, device, args.seed, amp=amp)
     # The share of time outside forward/backward/step, from a run that times every step
     # (on a GPU that run synchronises each step, so its speed is not the one reported).
-    _, _, outside = engine_loop(images, args.epochs, device, args.seed, amp=args.amp, timing=True)
+    _, _, outside = engine_loop(images, args.epochs, device, args.seed, amp=amp, timing=True)
     rows = [("DataLoader + ToTensor", dl_ips, dl_loss), ("latentlab engine", en_ips, en_loss)]
     graph_ips = graph_loss = None
     if device.type == "cuda":
-        graph_ips, graph_loss, _ = engine_loop(images, args.epochs, device, args.seed, amp=args.amp, cuda_graph=True)
+        graph_ips, graph_loss, _ = engine_loop(images, args.epochs, device, args.seed, amp=amp, cuda_graph=True)
         rows.append(("engine + CUDA graph", graph_ips, graph_loss))
     best = max(en_ips, graph_ips or 0.0)
     ratio = best / dl_ips
@@ -162,7 +162,7 @@ def main() -> int:
             "epochs": args.epochs,
             "steps": steps,
             "batch_size": BATCH,
-            "engine_amp_bf16": args.amp and device.type == "cuda",
+            "engine_amp_bf16": amp and device.type == "cuda",
             "dataloader_images_per_s": dl_ips,
             "engine_images_per_s": en_ips,
             "engine_cuda_graph_images_per_s": graph_ips,
