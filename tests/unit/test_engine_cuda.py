@@ -27,7 +27,12 @@ def _full_fp32(monkeypatch):
     # kernels than an eager one: their 10-bit-mantissa rounding would differ by far more than
     # a float32 comparison can tell from a real fault. True float32 on both sides.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    # The matmul switch through its public setter: newer torch no longer exposes
+    # torch.backends.cuda.matmul.allow_tf32 as a plain attribute.
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(precision)
 
 
 def _data(n: int, seed: int) -> np.ndarray:
@@ -40,10 +45,18 @@ def _data(n: int, seed: int) -> np.ndarray:
 TRAIN, VAL = engine.TrainingData(_data(128, 0)), engine.TrainingData(_data(32, 1))
 
 
-def _fit(cfg: TrainingConfig, family: str = "conv", seed: int = 0) -> engine.FitResult:
+def _fit(
+    cfg: TrainingConfig,
+    family: str = "conv",
+    seed: int = 0,
+    *,
+    train: engine.TrainingData = TRAIN,
+    device: torch.device = CUDA,
+    **fit_options,
+) -> engine.FitResult:
     torch.manual_seed(seed)
     model = build_model(family, (1, 8, 8), 3)
-    return engine.fit(model, TRAIN, VAL, cfg, seed=seed, device=CUDA, progress=False)
+    return engine.fit(model, train, VAL, cfg, seed=seed, device=device, progress=False, **fit_options)
 
 
 def _cfg(**kw) -> TrainingConfig:
@@ -108,11 +121,8 @@ def test_graphed_input_noise_is_drawn_afresh_at_every_replay():
 
 def test_partial_last_batch_runs_eagerly_beside_the_graph():
     # 100 samples in steps of 32: three replays and one eager step of 4 per epoch.
-    train = engine.TrainingData(_data(100, 0))
-    torch.manual_seed(0)
-    model = build_model("deep", (1, 8, 8), 3)
     cfg = _cfg(epochs=3, cuda_graph=True, lr_schedule="cosine", input_noise=0.1)
-    result = engine.fit(model, train, VAL, cfg, seed=0, device=CUDA, progress=False)
+    result = _fit(cfg, "deep", train=engine.TrainingData(_data(100, 0)))
     assert result.train_steps == 3 * 4
     assert np.isfinite([h["train_loss"] for h in result.history]).all()
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
@@ -129,27 +139,11 @@ def test_cpu_checkpoint_resumes_under_a_graph_in_channels_last(tmp_path):
         if report.epoch == 2:
             raise KeyboardInterrupt
 
-    torch.manual_seed(0)
+    cpu = torch.device("cpu")
     with pytest.raises(KeyboardInterrupt):
-        engine.fit(
-            build_model("conv", (1, 8, 8), 3),
-            TRAIN,
-            VAL,
-            cfg,
-            seed=0,
-            device=torch.device("cpu"),
-            checkpoint=checkpoint,
-            progress=False,
-            on_epoch=stop_after_first,
-        )
-    torch.manual_seed(0)
-    resumed = engine.fit(
-        build_model("conv", (1, 8, 8), 3), TRAIN, VAL, cfg, seed=0, device=CUDA, checkpoint=checkpoint, progress=False
-    )
-    torch.manual_seed(0)
-    whole = engine.fit(
-        build_model("conv", (1, 8, 8), 3), TRAIN, VAL, cfg, seed=0, device=torch.device("cpu"), progress=False
-    )
+        _fit(cfg, device=cpu, checkpoint=checkpoint, on_epoch=stop_after_first)
+    resumed = _fit(cfg, checkpoint=checkpoint)
+    whole = _fit(cfg, device=cpu)
     assert resumed.resumed_from_epoch == 1
     # CPU and GPU kernels round differently; a mis-paired moment would be off by far more.
     for a, b in zip(whole.history, resumed.history, strict=True):
