@@ -47,6 +47,7 @@ from torch import Tensor
 from latentlab.config import GanTrainingConfig
 from latentlab.engine import _autocast, _progress, _save_checkpoint, pick_device
 from latentlab.models.gan import GanPair
+from latentlab.provenance import code_digest
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,8 @@ def _digest(images: np.ndarray, labels: np.ndarray | None) -> str:
 
 
 def _fingerprint(pair: GanPair, cfg: GanTrainingConfig, seed: int, data_digest: str) -> str:
-    # As in engine._fingerprint: plain-attribute hyperparameters and the architecture
-    # both belong to it; a checkpoint of other settings must not be resumed.
+    # As in engine._fingerprint: plain-attribute hyperparameters, the architecture and the
+    # code all belong to it; a checkpoint of other settings or code must not be resumed.
     hyper = {
         k: v for k, v in vars(pair).items() if not k.startswith("_") and isinstance(v, int | float | str | bool | tuple)
     }
@@ -119,6 +120,7 @@ def _fingerprint(pair: GanPair, cfg: GanTrainingConfig, seed: int, data_digest: 
         "cfg": cfg.model_dump(mode="json"),
         "seed": seed,
         "data": data_digest,
+        "code": code_digest(),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 

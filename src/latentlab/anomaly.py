@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from latentlab import metrics as m
-from latentlab.atomic import atomic_dir, atomic_path, write_json
+from latentlab.atomic import atomic_dir, write_json
 from latentlab.config import AnomalyConfig, Params
 from latentlab.data.store import load_manifest, load_split, to_unit_float
 from latentlab.errors import DataError
@@ -342,7 +342,7 @@ def save_score_histogram_grid(
     heavy-tailed), else evenly spaced (a sum of standardised terms can be
     negative). ``score_label`` names the score on the legend.
     """
-    from latentlab.plots import _pyplot
+    from latentlab.plots import _pyplot, save_figure
 
     plt = _pyplot()
     from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
@@ -389,10 +389,7 @@ def save_score_histogram_grid(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, legend_inches / (height + legend_inches), 1, 1))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, layout=False)
 
 
 def run_anomaly(

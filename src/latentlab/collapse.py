@@ -1026,7 +1026,7 @@ def save_metric_plot(summary: dict[str, Any], metric: str, path: Path, *, genera
     Healing generations (real data only, after generation N) continue each line
     dashed, right of a dotted vertical line.
     """
-    from latentlab.plots import _pyplot
+    from latentlab.plots import _pyplot, save_figure
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.8))
@@ -1078,11 +1078,7 @@ def save_metric_plot(summary: dict[str, Any], metric: str, path: Path, *, genera
     if title:
         ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, title="loop (mean ± std over seeds)", title_fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _grid_images(state: _State, result: GenerationResult, n: int) -> Array | None:

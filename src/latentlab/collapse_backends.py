@@ -53,6 +53,7 @@ from latentlab.collapse import GenerativeBackend
 from latentlab.config import GanSpec, Params, VaeSpec
 from latentlab.errors import DataError
 from latentlab.models.vae import binarise, validation_images
+from latentlab.provenance import code_digest
 from latentlab.quality import DomainClassifier, load_classifier, sample_quality, subsample
 
 logger = logging.getLogger(__name__)
@@ -65,8 +66,6 @@ VAL_FRACTION = 0.1
 HELDOUT_SEED = 0
 #: Images generated per forward pass when sampling.
 SAMPLE_BATCH = 4096
-#: Bumped when a backend changes what it computes, so that saved generations are not reused.
-BACKEND_VERSION = 1
 
 
 # ------------------------------------------------------------------ context
@@ -432,12 +431,13 @@ def study_backends(
         "n_reference": len(reference),
         "n_heldout": len(heldout) if isinstance(spec, VaeSpec) else 0,
         "val_fraction": VAL_FRACTION,
-        "backend_version": BACKEND_VERSION,
     }
     digests = {
         "classifier": _file_digest(classifier_file),
         "reference": _array_digest(reference),
         "heldout": _array_digest(heldout),
+        # Saved generations are reused only by the code that made them (latentlab.provenance).
+        "code": code_digest(),
     }
     key = hashlib.sha256(json.dumps({**settings, **digests}, sort_keys=True).encode()).hexdigest()[:12]
     state_dir = paths.collapse_state(dataset) / f"{cfg.model}-{key}"

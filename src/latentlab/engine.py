@@ -48,6 +48,7 @@ from latentlab.atomic import atomic_path
 from latentlab.config import ClassifierConfig, TrainingConfig
 from latentlab.distributed import DistributedContext, data_parallel
 from latentlab.models.base import Autoencoder
+from latentlab.provenance import code_digest
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +168,9 @@ def _set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def _fingerprint(model: Autoencoder, cfg: TrainingConfig, seed: int, train: TrainingData, val: TrainingData) -> str:
-    # Hyperparameters that live as plain attributes (rho, beta, lam) and the
-    # architecture (repr) both belong to the fingerprint: a checkpoint of other
-    # settings must not be resumed.
+    # Hyperparameters that live as plain attributes (rho, beta, lam), the
+    # architecture (repr) and the code (latentlab.provenance) all belong to the
+    # fingerprint: a checkpoint of other settings or code must not be resumed.
     hyper = {
         k: v
         for k, v in vars(model).items()
@@ -186,6 +187,7 @@ def _fingerprint(model: Autoencoder, cfg: TrainingConfig, seed: int, train: Trai
         "seed": seed,
         "train": train.digest(),
         "val": val.digest(),
+        "code": code_digest(),  # a finished checkpoint of other code must not stand in for this code's run
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 

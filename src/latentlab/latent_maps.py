@@ -116,7 +116,7 @@ def save_latent_map(
     ``labels`` (N,) are integer class indices into ``class_names`` (or any values,
     shown as they are); ``None`` draws every point in one colour.
     """
-    from latentlab.plots import _pyplot
+    from latentlab.plots import _pyplot, save_figure
 
     embedding = np.asarray(embedding, dtype=np.float64)
     if embedding.ndim != 2 or embedding.shape[1] != 2:
@@ -142,11 +142,7 @@ def save_latent_map(
         ax.set_title(title, fontsize=10)
     if labels is not None:
         ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=100)
 
 
 def save_pca3d_html(

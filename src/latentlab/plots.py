@@ -23,6 +23,17 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: Path, *, dpi: int = 90, layout: bool = True, **savefig_options) -> Path:
+    """Lay ``fig`` out (``tight_layout`` unless ``layout`` is False), write it to ``path``
+    through a temporary file (never a half-written PNG) and free it."""
+    if layout:
+        fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, **savefig_options)
+    _pyplot().close(fig)
+    return Path(path)
+
+
 def displayable(images: np.ndarray) -> np.ndarray:
     """(N, C, H, W) in [0, 1] -> (N, H, W) grey or (N, H, W, 3) colour for imshow.
 
@@ -64,11 +75,7 @@ def save_image_grid(
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_line_plot(
@@ -95,11 +102,7 @@ def save_line_plot(
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_roc_curves(
@@ -120,11 +123,7 @@ def save_roc_curves(
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", title="AUROC", title_fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_score_histograms(
@@ -169,11 +168,7 @@ def save_score_histograms(
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_code_activations(
@@ -220,10 +215,7 @@ def save_code_activations(
         bottom.grid(alpha=0.3, axis="y")
     if title:
         fig.suptitle(title, fontsize=10)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, layout=False, bbox_inches="tight")
 
 
 def save_tiles(rows: Sequence[np.ndarray], path: Path, *, scale: int = 2, spectrogram: bool = False) -> Path:
@@ -297,11 +289,7 @@ def save_image_mosaic(
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def save_tradeoff_panels(
@@ -352,8 +340,4 @@ def save_tradeoff_panels(
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from latentlab.atomic import atomic_path
 from latentlab.config import ClassifierConfig
 from latentlab.engine import _autocast, learning_rate
+from latentlab.provenance import code_digest
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +261,7 @@ def train_classifier(
         "cfg": cfg.model_dump(mode="json"),
         "seed": seed,
         "data": _digest(images, labels, val_images, val_labels),
+        "code": code_digest(),
     }
     fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 

@@ -42,6 +42,7 @@ from latentlab.atomic import atomic_path, write_json
 from latentlab.config import FAMILY_AXES, NO_NOISE, AnyModelSpec, Params
 from latentlab.errors import ConfigError, DataError
 from latentlab.paths import ProjectPaths
+from latentlab.provenance import code_digest
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +283,9 @@ def run_point(root: Path, point: SweepPoint) -> dict[str, Any]:
     with _one_thread():
         data = load_point_data(paths, point)
         fingerprint = hashlib.sha256(
-            json.dumps({"point": point.model_dump(mode="json"), "data": data.digest()}, sort_keys=True).encode()
+            json.dumps(
+                {"point": point.model_dump(mode="json"), "data": data.digest(), "code": code_digest()}, sort_keys=True
+            ).encode()
         ).hexdigest()
         done = _read_result(folder / RESULT_NAME)
         if done is not None and done.get("fingerprint") == fingerprint:

@@ -258,7 +258,7 @@ def test_more_healing_refits_the_last_one_from_its_saved_start_and_gets_the_same
     assert control[:2] == first[:2] and control[2].metrics != first[2].metrics
 
 
-def test_a_changed_backend_setting_gets_its_own_state_folder(tmp_path):
+def test_a_changed_backend_setting_gets_its_own_state_folder(tmp_path, monkeypatch):
     paths = _write_project(tmp_path)
     test = np.random.default_rng(0).random((30, 1, SIZE, SIZE), dtype=np.float32)
     a = cb.study_backends(_params(), DATASET, paths, test, 3)
@@ -267,6 +267,9 @@ def test_a_changed_backend_setting_gets_its_own_state_folder(tmp_path):
     assert a.state_dir == b.state_dir != c.state_dir
     assert a.state_dir.parent == paths.collapse_state(DATASET)
     assert isinstance(a.make("replace", 0), cb.VaeBackend)
+    # Generations made by other code are not reused either.
+    monkeypatch.setattr(cb, "code_digest", lambda: "another version of latentlab")
+    assert cb.study_backends(_params(), DATASET, paths, test, 3).state_dir not in (a.state_dir, c.state_dir)
 
 
 # ---------------------------------------------------------------------- GAN

@@ -85,6 +85,17 @@ def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
     assert other.resumed_from_epoch == 0
 
 
+def test_checkpoint_of_other_code_is_not_resumed(tmp_path, monkeypatch):
+    # DVC reruns a stage when its code changes: a finished checkpoint of the old code must not
+    # stand in for the new code's training (it once did, and stale metrics were committed).
+    ckpt = tmp_path / "k3.pt"
+    first = _fit(checkpoint=ckpt)
+    assert _fit(checkpoint=ckpt).train_steps == 0  # same code: the finished run is reused
+    monkeypatch.setattr(engine, "code_digest", lambda: "another version of latentlab")
+    again = _fit(checkpoint=ckpt)
+    assert again.resumed_from_epoch == 0 and again.train_steps == first.train_steps
+
+
 _SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, json

@@ -307,6 +307,16 @@ def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
     assert other.resumed_from_epoch == 0 and other.train_steps == 9
 
 
+def test_checkpoint_of_other_code_is_not_resumed(tmp_path, monkeypatch):
+    from latentlab import adversarial
+
+    ckpt = tmp_path / "gan.pt"
+    first = _fit(checkpoint=ckpt)
+    monkeypatch.setattr(adversarial, "code_digest", lambda: "another version of latentlab")
+    again = _fit(checkpoint=ckpt)
+    assert again.resumed_from_epoch == 0 and again.train_steps == first.train_steps
+
+
 def resumable_run(checkpoint: Path, kill_after: int = -1) -> dict:
     """The run of the SIGKILL test: a conditional MLP GAN (dropout, z and labels all draw on
     the RNG state the checkpoint keeps) with a monitor; SIGKILLs itself after epoch ``kill_after``.

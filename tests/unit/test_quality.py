@@ -236,7 +236,11 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch,
     assert history["train_loss"] == full_history["train_loss"]
     for (name, pa), pb in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
-    # Another seed does not resume from this checkpoint.
+    assert _train(checkpoint=ckpt)[1]["resumed_from_epoch"] == 2  # finished: reused as it is
+    # Other code does not resume from this checkpoint, nor does another seed.
+    with monkeypatch.context() as patch:
+        patch.setattr(quality, "code_digest", lambda: "another version of latentlab")
+        assert _train(checkpoint=ckpt)[1]["resumed_from_epoch"] == 0
     assert _train(SMALL.model_copy(update={"epochs": 1}), seed=3, checkpoint=ckpt)[1]["resumed_from_epoch"] == 0
 
 

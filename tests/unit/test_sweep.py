@@ -248,6 +248,13 @@ def test_run_point_is_deterministic_single_threaded_and_resumes(tiny_project: Pa
         }
     )
     assert run_point(tiny_project, longer)["epochs_run"] == 3
+    # So is the same point computed by other code.
+    from latentlab import sweep
+
+    monkeypatch.setattr(sweep, "code_digest", lambda: "another version of latentlab")
+    monkeypatch.setattr(engine, "fit", no_fit)
+    with pytest.raises(AssertionError, match="trained again"):
+        run_point(tiny_project, point)
 
 
 def test_summarise_writes_sorted_table_and_figure(tiny_project: Path):

