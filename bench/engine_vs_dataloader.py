@@ -7,7 +7,8 @@ The DataLoader loop is what most tutorials write: a Dataset that turns each
 uint8 image into a PIL image and applies ToTensor per sample, and a DataLoader
 that collates batches. The engine keeps the whole set as one tensor on the
 device and indexes it with a permutation, with its default bf16 autocast on a
-GPU (``--fp32`` turns it off); the DataLoader loop runs fp32.
+GPU (``--fp32`` turns it off) and channels-last convolutions on CPU and under a
+CUDA graph (engine.prefers_channels_last); the DataLoader loop runs fp32 NCHW.
 
 Each side's time runs from the images in memory as a uint8 array to the last
 step finished: the engine's includes copying the set to the device, capturing

@@ -139,10 +139,12 @@ def test_partial_last_batch_runs_eagerly_beside_the_graph():
     assert noisy.history[-1]["train_loss"] != pytest.approx(graphed.history[-1]["train_loss"], rel=1e-3)
 
 
-def test_cpu_checkpoint_resumes_under_a_graph_in_channels_last(tmp_path):
-    # A CPU run (NCHW weights) is stopped after its first epoch; the GPU run resumes it under
-    # a CUDA graph, whose convolution weights are channels-last: the optimiser moments must
-    # follow their parameters' layout, or the fused AdamW would pair the wrong elements.
+@pytest.mark.parametrize("first_device", ["cpu", "cuda"])
+def test_checkpoint_resumes_under_a_graph_in_channels_last(tmp_path, monkeypatch, first_device):
+    # A run stopped after its first epoch, resumed on the GPU under a CUDA graph (channels-last
+    # weights). From the CPU (unfused AdamW): the optimiser's kernel flags must be this run's.
+    # From a GPU run kept in NCHW: the optimiser moments must follow their parameters' new
+    # layout, or the fused AdamW would pair the wrong elements.
     cfg = _cfg(epochs=3, cuda_graph=True)
     checkpoint = tmp_path / "ckpt.pt"
 
@@ -150,12 +152,15 @@ def test_cpu_checkpoint_resumes_under_a_graph_in_channels_last(tmp_path):
         if report.epoch == 2:
             raise KeyboardInterrupt
 
-    cpu = torch.device("cpu")
-    with pytest.raises(KeyboardInterrupt):
-        _fit(cfg, device=cpu, checkpoint=checkpoint, on_epoch=stop_after_first)
+    first = torch.device(first_device)
+    with monkeypatch.context() as patch:
+        if first_device == "cuda":
+            patch.setattr(engine, "prefers_channels_last", lambda *args: False)
+        with pytest.raises(KeyboardInterrupt):
+            _fit(cfg, device=first, checkpoint=checkpoint, on_epoch=stop_after_first)
     resumed = _fit(cfg, checkpoint=checkpoint)
-    whole = _fit(cfg, device=cpu)
+    whole = _fit(cfg, device=first)
     assert resumed.resumed_from_epoch == 1
-    # CPU and GPU kernels round differently; a mis-paired moment would be off by far more.
+    # Devices and layouts round differently; a mis-paired moment would be off by far more.
     for a, b in zip(whole.history, resumed.history, strict=True):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
