@@ -71,6 +71,20 @@ def _umask() -> int:
     return mask
 
 
+def save_torch(obj: Any, target: str | Path) -> None:
+    """Atomically ``torch.save`` ``obj`` to ``target``: the same content gives the same bytes.
+
+    ``torch.save`` to a path names the zip archive's root folder after the file; saved under
+    a random temporary name, equal weights would give files (and DVC hashes, and the digests
+    that key saved state) that differ on every run. Saved through a file object, the root
+    is always ``archive``.
+    """
+    import torch  # lazily: most users of this module write text, JSON or arrays
+
+    with atomic_path(target) as tmp, open(tmp, "wb") as stream:
+        torch.save(obj, stream)
+
+
 def write_text(target: str | Path, text: str) -> None:
     """Atomically write a text file."""
     with atomic_path(target) as tmp:

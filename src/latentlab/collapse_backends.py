@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from latentlab.atomic import save_torch
 from latentlab.collapse import GenerativeBackend
 from latentlab.config import GanSpec, Params, VaeSpec
 from latentlab.errors import DataError
@@ -171,7 +172,7 @@ class _ModuleFiles:
         raise NotImplementedError
 
     def save_model(self, model: torch.nn.Module, path: Path) -> None:
-        torch.save(model.state_dict(), path)
+        save_torch(model.state_dict(), path)
 
     def load_model(self, path: Path) -> torch.nn.Module:
         model = self._build()

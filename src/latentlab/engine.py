@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from latentlab.atomic import atomic_path
+from latentlab.atomic import save_torch
 from latentlab.config import ClassifierConfig, TrainingConfig
 from latentlab.distributed import DistributedContext, data_parallel
 from latentlab.models.base import Autoencoder
@@ -235,8 +235,7 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path)
 
 
 def fit(
@@ -605,8 +604,7 @@ def reconstruct(model: Autoencoder, x: np.ndarray, device: torch.device) -> np.n
 
 def save_model(model: Autoencoder, path: Path, meta: dict[str, Any]) -> None:
     """The final weights with what is needed to rebuild the model (family, shape, options)."""
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+    save_torch({"state_dict": model.state_dict(), "meta": meta}, path)
 
 
 def load_model(path: Path, device: torch.device | None = None) -> tuple[Autoencoder, dict[str, Any]]:

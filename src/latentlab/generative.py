@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from latentlab.atomic import atomic_dir, atomic_path, write_json
+from latentlab.atomic import atomic_dir, atomic_path, save_torch, write_json
 from latentlab.config import GanSpec, Params, QualityConfig, VaeSpec
 from latentlab.data.store import Manifest, load_manifest, load_split, to_unit_float
 from latentlab.errors import DataError
@@ -580,10 +580,7 @@ def _evaluate_vae(
 
 # ------------------------------------------------------------------------------ GAN
 def _save_pair(pair: GanPair, path: Path, meta: dict[str, Any]) -> None:
-    import torch
-
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": pair.state_dict(), "meta": meta}, tmp)
+    save_torch({"state_dict": pair.state_dict(), "meta": meta}, path)
 
 
 def _train_gan(ctx: _Context, run: RunLog | None) -> dict[str, Any]:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentlab.atomic import atomic_path
+from latentlab.atomic import save_torch
 from latentlab.config import ClassifierConfig
 from latentlab.engine import _autocast, learning_rate, prefers_channels_last
 from latentlab.provenance import code_digest
@@ -197,8 +197,7 @@ def shift_batch(x: Tensor, offsets: Tensor, max_shift: int) -> Tensor:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path)
 
 
 def train_classifier(
@@ -739,8 +738,7 @@ def real_floor(
 # ---------------------------------------------------------------- save / load
 def save_classifier(model: DomainClassifier, path: Path, meta: dict[str, Any]) -> None:
     """Write the weights, the architecture and ``meta`` (e.g. dataset, accuracy, history) atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": model.state_dict(), "architecture": model.architecture, "meta": meta}, tmp)
+    save_torch({"state_dict": model.state_dict(), "architecture": model.architecture, "meta": meta}, path)
 
 
 def load_classifier(path: Path, device: torch.device | None = None) -> tuple[DomainClassifier, dict[str, Any]]:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from latentlab import metrics
-from latentlab.atomic import atomic_dir, atomic_path
+from latentlab.atomic import atomic_dir, atomic_path, save_torch
 from latentlab.data.ingest import stratified_split
 from latentlab.data.store import SplitArrays, from_unit_float, load_split, save_split, to_unit_float
 from latentlab.models.pca import PCA
@@ -17,6 +17,25 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
         raise RuntimeError("boom")
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_torch_writes_the_same_bytes_for_the_same_content(tmp_path):
+    # Saved under a random temporary name, torch.save would name its archive after it: equal
+    # weights would then hash differently on every run (DVC outputs, saved-state keys).
+    import torch
+
+    state = {"w": torch.arange(6.0).reshape(2, 3), "meta": {"k": 2}}
+    save_torch(state, tmp_path / "a.pt")
+    save_torch(state, tmp_path / "a.pt")  # over an existing file
+    first = (tmp_path / "a.pt").read_bytes()
+    save_torch(state, tmp_path / "b.pt")
+    assert (tmp_path / "b.pt").read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]  # no temporary left
+    loaded = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert torch.equal(loaded["w"], state["w"]) and loaded["meta"] == {"k": 2}
+    state["w"][0, 0] = -1.0
+    save_torch(state, tmp_path / "b.pt")
+    assert (tmp_path / "b.pt").read_bytes() != first
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
