@@ -122,9 +122,10 @@ def prefers_channels_last(model: torch.nn.Module, device: torch.device, graphed:
     """Whether a run keeps ``model``'s convolution weights channels-last (NHWC).
 
     Only models with convolutions (4-D weights) are concerned. Yes on CPU, where
-    oneDNN's NHWC kernels trained the ``conv`` autoencoder 1.9x and ``conv_plus``
-    and ``vae_conv`` 1.35x faster per step than NCHW (one thread, batch 128,
-    bench/engine_vs_dataloader.py has the end-to-end figure). Yes under a CUDA
+    oneDNN's NHWC kernels made a training step of the ``conv`` autoencoder 1.9x
+    (4 bands) to 2.3x (1 band) faster than NCHW, ``conv_plus`` 1.4x to 1.5x and
+    ``vae_conv`` 1.3x (one thread, batch 128, bench/channels_last_cpu.py; the
+    end-to-end figure is in bench/engine_vs_dataloader.py). Yes under a CUDA
     graph, where NHWC skips cuDNN's layout transposes: step time -23 % (fp32) to
     -35 % (bf16) on an H100 (bench/engine_step_profile.py). No for eager GPU
     steps, which are bound by their launches and got slower with it.
