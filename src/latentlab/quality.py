@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from latentlab.atomic import save_torch
 from latentlab.config import ClassifierConfig
-from latentlab.engine import _autocast, learning_rate, prefers_channels_last
+from latentlab.engine import _autocast, _save_checkpoint, learning_rate, prefers_channels_last
 from latentlab.provenance import code_digest
 
 log = logging.getLogger(__name__)
@@ -194,10 +194,6 @@ def shift_batch(x: Tensor, offsets: Tensor, max_shift: int) -> Tensor:
     batch = torch.arange(n, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    save_torch(state, path)
 
 
 def train_classifier(
