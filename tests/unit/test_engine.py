@@ -295,7 +295,7 @@ def test_channels_last_training_matches_nchw_training(family, monkeypatch):
         return max(abs(b[key] / a[key] - 1) for a, b in zip(nchw.history, run.history, strict=True))
 
     # Measured: below 2e-5 (train) and 6e-4 (validation, where conv_plus's BatchNorm carries the
-    # kernels' rounding into its running statistics); another seed is 3e-2 to 1e-1 away.
+    # kernels' rounding into its running statistics); another seed's largest is 6e-2 to 1.4e-1.
     assert largest_deviation(nhwc, "train_loss") < 1e-4
     assert largest_deviation(nhwc, "val_loss") < 2e-3
     assert largest_deviation(_fit(family=family, seed=1), "val_loss") > 2e-2
