@@ -111,7 +111,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=REPO / "bench" / "work" / "full_scale")
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"])
-    parser.add_argument("--models", nargs="+", default=["pca", "linear", "deep", "conv", "conv_plus"])
+    parser.add_argument("--models", nargs="+", default=["pca", "linear", "deep", "deep_denoising", "conv", "conv_plus"])
     parser.add_argument("--epochs", type=int, default=None, help="override every model's epochs (shorter runs)")
     parser.add_argument("--max-train-samples", type=int, default=None, help="override every model's training cap")
     parser.add_argument("--no-anomaly", dest="anomaly", action="store_false")
