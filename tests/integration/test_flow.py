@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ def test_pipeline_flow_runs_every_stage_as_a_task(tmp_path: Path, monkeypatch):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort, TaskRunSort
+    from prefect.logging.handlers import APILogWorker
     from prefect.testing.utilities import prefect_test_harness
 
     from latentlab.orchestration import pipeline_flow
@@ -40,12 +42,22 @@ def test_pipeline_flow_runs_every_stage_as_a_task(tmp_path: Path, monkeypatch):
                 sort=TaskRunSort.EXPECTED_START_TIME_ASC,
                 limit=50,
             )
-            logs = client.read_logs(
-                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                sort=LogSort.TIMESTAMP_ASC,
-                limit=200,
-                offset=0,
-            )
+            ingest_run = next(t for t in task_runs if t.name == "ingest-digits")
+            # Prefect ships logs from a background worker, so they can reach the server after
+            # the flow returns: drain the worker, then poll the server briefly.
+            APILogWorker.drain_all(timeout=10, at_exit=False)
+            deadline = time.monotonic() + 15
+            while True:
+                logs = client.read_logs(
+                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                    sort=LogSort.TIMESTAMP_ASC,
+                    limit=200,
+                    offset=0,
+                )
+                ingest_logs = [log.message for log in logs if log.task_run_id == ingest_run.id]
+                if any("ingested digits" in m for m in ingest_logs) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
     names = {t.name for t in task_runs}
     assert names == {
         "ingest-digits",
@@ -60,8 +72,6 @@ def test_pipeline_flow_runs_every_stage_as_a_task(tmp_path: Path, monkeypatch):
     # No concurrency limit on "gpu" in this server: training runs untagged (deploy.gpu_tags says why).
     assert not any("gpu" in t.tags for t in task_runs)
     # Stage logs reach the task runs, including the library's own loggers.
-    ingest_run = next(t for t in task_runs if t.name == "ingest-digits")
-    ingest_logs = [log.message for log in logs if log.task_run_id == ingest_run.id]
     assert any("ingested digits" in message for message in ingest_logs)
 
     # The source had no test split: ingest carved one out (train 0.7 / val 0.1 / test 0.2).
