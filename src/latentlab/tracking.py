@@ -65,6 +65,20 @@ def _timed(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class _PickleNoticeFilter(logging.Filter):
+    """Drops MLflow's notice that a PyTorch model is saved by pickle, which it prints for every model.
+
+    latentlab chooses pickle on purpose (see :meth:`RunLogger.log_torch_model`).
+    The notice came 60 times in a default ``dvc repro`` and hid the warnings
+    that matter (a dataset download falling back, a GAN's mode collapse).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Saving pytorch model by Pickle")
+
+
+_PICKLE_NOTICE_FILTER = _PickleNoticeFilter()
+
 # MLflow's own per-call limit for log_batch is 1000 metrics.
 _BATCH = 1000
 
@@ -284,11 +298,20 @@ class RunLogger:
         (one query per metric name) to copy the step-0 values onto the model,
         about 0.3 s a model in a training stage. The metrics that belong to a
         model are linked to it in :meth:`register_logged_models`.
+
+        It is saved by pickle, not as ``pt2`` (``torch.export``): pickle keeps
+        the latentlab module itself, so the model loaded back has its
+        ``encode``, ``decode`` or ``sample`` and the loss contract, where an
+        exported program keeps one traced ``forward``. Unpickling runs code, so
+        load models only from a store you trust; MLflow's notice saying so is
+        not repeated for every model (:class:`_PickleNoticeFilter`).
         """
         import mlflow
         import mlflow.pytorch
         import torch
         from mlflow.entities import LoggedModelOutput
+
+        logging.getLogger("mlflow.pytorch").addFilter(_PICKLE_NOTICE_FILTER)  # adds it once
 
         logged = mlflow.initialize_logged_model(
             name=name, source_run_id=self.run_id, params=dict(self._params), experiment_id=self._experiment_id_()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import html
 import json
+import logging
 import math
 import os
 import re
@@ -315,12 +316,16 @@ def validate_dataset(dataset: str, processed_dir: Path, out_dir: Path, cfg: Vali
 
 @contextmanager
 def _gx_context(root: Path) -> Iterator[AbstractDataContext]:
-    """A GX file context under ``root``, with analytics and progress bars off.
+    """A GX file context under ``root``, with analytics, progress bars and INFO chatter off.
 
     ``gx.get_context`` makes its context the process-wide current one; the previous
     one is restored afterwards so nothing keeps pointing into the deleted folder.
     """
     _gx_environment()
+    # GX logs its own bookkeeping at INFO (loading and saving its config, "missing
+    # config_provider"): about 80 lines a validate stage under the CLI's INFO root logger,
+    # around the one line that matters. Its warnings and errors still show.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
     from great_expectations.data_context.data_context.context_factory import project_manager, set_context
     from great_expectations.data_context.types.base import ProgressBarsConfig

@@ -67,6 +67,31 @@ def test_logging_calls_are_applied_in_order_from_copies_taken_at_call_time(tmp_p
     assert record["left"] >= record["entered"] and 0 < record["mlflow_s"] <= record["left"] - record["entered"]
 
 
+def test_logging_a_model_drops_only_mlflows_pickle_notice(tmp_path, monkeypatch):
+    """Pickle is chosen on purpose: MLflow's notice about it, printed per model, is dropped; other warnings pass."""
+    import logging
+
+    import torch
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    logger, handler = logging.getLogger("mlflow.pytorch"), Keep(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        with stage_run("train", "toy", root=tmp_path) as run:
+            run.log_torch_model(torch.nn.Linear(2, 1), "model_k2")
+            run.log_torch_model(torch.nn.Linear(2, 1), "model_k4")
+        logger.warning("a warning that matters")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["a warning that matters"]
+
+
 def test_runs_of_two_projects_in_one_process_go_to_their_own_stores(tmp_path, monkeypatch):
     import os
 

@@ -7,6 +7,7 @@ validated once per module and each failure mode runs one small validation.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -217,6 +218,16 @@ def test_clean_dataset_passes_and_writes_reports(clean: tuple[Path, Path, dict[s
     # Nothing is left behind: no GX project in the working directory, no staging folders.
     assert not any(cwd.iterdir())
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]
+
+
+def test_validation_keeps_gx_info_chatter_out_of_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The CLI logs at INFO; GX's own INFO bookkeeping (about 80 lines a stage) must not reach that log."""
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.NOTSET, logger="great_expectations")  # as in a fresh process
+    processed = write_dataset(tmp_path / "processed", "tiny")
+    validate_dataset("tiny", processed, tmp_path / "reports" / "tiny", ValidateConfig())
+    chatter = [r.getMessage() for r in caplog.records if r.name.startswith("great_expectations")]
+    assert chatter == []
 
 
 def test_reports_link_relative(clean: tuple[Path, Path, dict[str, Any]]) -> None:
