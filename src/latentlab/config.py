@@ -155,7 +155,9 @@ class TrainingConfig(Section):
     """How the training engine fits one network (src/latentlab/engine.py)."""
 
     epochs: Annotated[int, Field(ge=1)] = 20  # most epochs; early stopping may end sooner
-    min_steps: Annotated[int, Field(ge=0)] = 0  # at least this many optimiser steps: small datasets get more epochs
+    # The most epochs are raised to cover at least this many optimiser steps (small datasets get
+    # more epochs); early stopping may still end the run sooner.
+    min_steps: Annotated[int, Field(ge=0)] = 0
     batch_size: Annotated[int, Field(ge=1)] = 128  # samples per optimiser step
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3  # Adam learning rate (the first epoch's, under a schedule)
     # constant | cosine: the learning rate of epoch e of E is lr * (1 + cos(pi * e / E)) / 2
@@ -166,7 +168,9 @@ class TrainingConfig(Section):
     # step, drawn afresh each time, while the target stays the clean image: the denoising
     # criterion (Vincent et al. 2008) used as a regulariser; 0 = none. Validation is noise-free.
     input_noise: Annotated[float, Field(ge=0.0)] = 0.0
-    patience: Annotated[int, Field(ge=1)] = 5  # epochs without validation improvement before stopping
+    # Epochs without validation improvement before stopping; None = never stop early (the best
+    # validation epoch's weights are still the ones kept).
+    patience: Annotated[int, Field(ge=1)] | None = 5
     min_delta: Annotated[float, Field(ge=0.0)] = 0.0  # smallest validation-loss decrease that counts
     checkpoint_every: Annotated[int, Field(ge=1)] = 1  # epochs between resumable checkpoints
     max_train_samples: Annotated[int, Field(ge=2)] | None = None  # cap on training samples; None = all

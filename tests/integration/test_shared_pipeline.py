@@ -61,3 +61,39 @@ def test_real_mnist_through_ingest_validate_corrupt_train_evaluate(tmp_path, mon
     # PCA removes much of the Gaussian noise: restoration beats the noisy input.
     gaussian = compare["denoising"]["gaussian_sigma0.3"]
     assert gaussian["PCA k=6"]["psnr"] > gaussian["noisy input"]["psnr"]
+
+
+FSDD = SHARED_DATASETS / "fsdd" / "recordings"
+
+
+@pytest.mark.skipif(
+    not FSDD.is_dir(), reason=f"{FSDD} is absent: the real-speech integration test needs ../shared/datasets"
+)
+def test_linear_autoencoder_learns_the_pca_subspace_of_real_speech(tmp_path, monkeypatch):
+    """The default linear settings of params.yaml on real log-mel spectrograms (32 x 32, fewer clips
+    than pixels, as in the default pipeline): test MSE within 2% of PCA's at every latent size."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # 6 speakers x 10 digits x recordings 0-9: 300 test clips (0-4, FSDD's split), 300 for train and val.
+    recordings = tmp_path / "fsdd"
+    recordings.mkdir()
+    wavs = [path for path in sorted(FSDD.glob("*.wav")) if int(path.stem.rsplit("_", 1)[1]) < 10]
+    assert len(wavs) == 600, f"{FSDD} holds {len(wavs)} of the 600 recordings 0-9"
+    for path in wavs:
+        (recordings / path.name).symlink_to(path)
+    params = tiny_params(tmp_path, {"speech": {"kind": "speech", "path": str(recordings)}})
+    params["train"]["models"] = ["pca", "linear"]
+    params["train"]["zoo"]["pca"]["latent_sizes"] = [2, 4, 6]
+    params["evaluate"]["latent"]["models"] = []
+    params["corrupt"].update(audio_noise=["white"], splits=["test"])
+    params["train"]["threads"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    stages.ingest("speech", tmp_path)
+    stages.validate("speech", tmp_path)
+    stages.corrupt("speech", tmp_path)
+    for model in ("pca", "linear"):
+        stages.train("speech", model, tmp_path)
+        stages.evaluate("speech", model, tmp_path)
+    pca, linear = (json.loads((tmp_path / f"metrics/speech/{m}.json").read_text()) for m in ("pca", "linear"))
+    ratios = {k: linear["reconstruction"][k]["mse"] / pca["reconstruction"][k]["mse"] for k in ("2", "4", "6")}
+    assert all(ratio <= 1.02 for ratio in ratios.values()), ratios

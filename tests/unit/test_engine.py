@@ -73,6 +73,29 @@ def test_early_stopping_restores_the_best_weights():
     assert engine.evaluate_loss(result.model, VAL, torch.device("cpu"))["loss"] == pytest.approx(best, rel=1e-5)
 
 
+def test_without_patience_every_epoch_runs_and_the_best_weights_are_kept():
+    # The same diverging rate as above: with patience None the run does not stop early.
+    result = _fit(TrainingConfig(epochs=12, batch_size=16, lr=0.5, patience=None))
+    assert not result.stopped_early and result.epochs_run == 12
+    assert result.best_epoch < 12  # validation loss rose after its best epoch
+    best = min(h["val_loss"] for h in result.history)
+    assert engine.evaluate_loss(result.model, VAL, torch.device("cpu"))["loss"] == pytest.approx(best, rel=1e-5)
+
+
+def test_a_long_run_keeps_about_a_hundred_evenly_spaced_figure_epochs():
+    # 96 samples / 16 = 6 steps an epoch: min_steps 1500 makes it 250 epochs, as tiny datasets get.
+    due: list[int] = []
+    result = _fit(
+        TrainingConfig(epochs=1, min_steps=1500, batch_size=16, lr=0.001, patience=None),
+        on_epoch=lambda report, model: due.append(report.epoch) if report.figure_due() else None,
+    )
+    assert result.epochs_run == 250
+    assert due == [*range(3, 250, 3), 250]  # every ceil(250 / 100) = 3rd epoch, and the last
+    short: list[int] = []
+    _fit(on_epoch=lambda report, model: short.append(report.epoch) if report.figure_due() else None)
+    assert short == [1, 2, 3, 4]  # a run of up to 100 epochs: every epoch
+
+
 def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
     ckpt = tmp_path / "k3.pt"
     _fit(checkpoint=ckpt)
