@@ -100,13 +100,14 @@ class EpochReport:
     seconds: float
     max_epochs: int  # the run's most epochs: ``epochs``, raised to cover ``min_steps``
 
-    def figure_due(self, most: int = 100) -> bool:
-        """Whether this epoch gets its figure when a run keeps at most about ``most``.
+    def is_shown(self, most: int = 100) -> bool:
+        """Whether this epoch is one that a run showing at most about ``most`` epochs shows.
 
         Every epoch of a run of up to ``most`` epochs, else every
-        ceil(max_epochs / most)-th and the last. The linear autoencoder on the
-        380 speech clips runs 1,334 epochs of 6 steps, and a grid every epoch
-        made 4,000 images (69 MB) in one MLflow run.
+        ceil(max_epochs / most)-th and the last. For the log line and the
+        figure of an epoch: the linear autoencoder on the 380 speech clips runs
+        1,334 epochs of 6 steps, and a grid every epoch made 4,000 images
+        (69 MB) in one MLflow run, a log line every epoch 4,000 lines.
         """
         return self.epoch % math.ceil(self.max_epochs / most) == 0 or self.epoch == self.max_epochs
 
@@ -417,7 +418,8 @@ def fit(
                     **{f"val_{k}": v for k, v in val_parts.items()},
                 }
             )
-            if dist.is_main:
+            report = EpochReport(epoch, step, train_means, val_parts, steps, improved, seconds, max_epochs)
+            if dist.is_main and (report.is_shown() or stopped_early):
                 log.info(
                     "epoch %d: train loss %.5f, val loss %.5f%s",
                     epoch,
@@ -426,7 +428,7 @@ def fit(
                     " *" if improved else "",
                 )
             if on_epoch is not None and dist.is_main:
-                on_epoch(EpochReport(epoch, step, train_means, val_parts, steps, improved, seconds, max_epochs), model)
+                on_epoch(report, model)
             if checkpoint is not None and (epoch % cfg.checkpoint_every == 0 or epoch == max_epochs or stopped_early):
                 if dist.is_main:
                     _save_checkpoint(

@@ -382,7 +382,7 @@ def _train_vae(ctx: _Context, run: RunLog | None) -> dict[str, Any]:
                 for part, values in report.steps.items():
                     run.log_series(f"k{k}.step.{part}", values, start_step=first)
                 run.log_metrics({f"k{k}.train": report.train, f"k{k}.val": report.val}, step=report.epoch)
-                if not report.figure_due():
+                if not report.is_shown():
                     return
                 rows, _ = _sample_rows(net, per_row, ctx.quality.seed)
                 grid = figures / f"k{k}_epoch{report.epoch:03d}.png"

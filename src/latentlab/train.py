@@ -181,7 +181,7 @@ def train_network(
                 for part, values in report.steps.items():
                     run.log_series(f"k{k}.step.{part}", values, start_step=first)
                 run.log_metrics({f"k{k}.train": report.train, f"k{k}.val": report.val}, step=report.epoch)
-                if not report.figure_due():
+                if not report.is_shown():
                     return
                 grid = figures / f"k{k}_epoch{report.epoch:03d}.png"
                 recon = engine.reconstruct(model, v_in[show], device)

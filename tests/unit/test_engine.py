@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -82,17 +83,20 @@ def test_without_patience_every_epoch_runs_and_the_best_weights_are_kept():
     assert engine.evaluate_loss(result.model, VAL, torch.device("cpu"))["loss"] == pytest.approx(best, rel=1e-5)
 
 
-def test_a_long_run_keeps_about_a_hundred_evenly_spaced_figure_epochs():
+def test_a_long_run_shows_about_a_hundred_evenly_spaced_epochs(caplog):
     # 96 samples / 16 = 6 steps an epoch: min_steps 1500 makes it 250 epochs, as tiny datasets get.
+    caplog.set_level(logging.INFO, logger="latentlab.engine")
     due: list[int] = []
     result = _fit(
         TrainingConfig(epochs=1, min_steps=1500, batch_size=16, lr=0.001, patience=None),
-        on_epoch=lambda report, model: due.append(report.epoch) if report.figure_due() else None,
+        on_epoch=lambda report, model: due.append(report.epoch) if report.is_shown() else None,
     )
     assert result.epochs_run == 250
     assert due == [*range(3, 250, 3), 250]  # every ceil(250 / 100) = 3rd epoch, and the last
+    logged = [int(r.getMessage().split()[1].rstrip(":")) for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert logged == due  # the log's epoch lines are the shown epochs
     short: list[int] = []
-    _fit(on_epoch=lambda report, model: short.append(report.epoch) if report.figure_due() else None)
+    _fit(on_epoch=lambda report, model: short.append(report.epoch) if report.is_shown() else None)
     assert short == [1, 2, 3, 4]  # a run of up to 100 epochs: every epoch
 
 
