@@ -323,7 +323,7 @@ def _gx_context(root: Path) -> Iterator[AbstractDataContext]:
     """
     _gx_environment()
     # GX logs its own bookkeeping at INFO (loading and saving its config, "missing
-    # config_provider"): about 80 lines a validate stage under the CLI's INFO root logger,
+    # config_provider"): 71 lines a validate stage under the CLI's INFO root logger,
     # around the one line that matters. Its warnings and errors still show.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx

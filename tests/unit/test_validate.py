@@ -221,7 +221,7 @@ def test_clean_dataset_passes_and_writes_reports(clean: tuple[Path, Path, dict[s
 
 
 def test_validation_keeps_gx_info_chatter_out_of_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The CLI logs at INFO; GX's own INFO bookkeeping (about 80 lines a stage) must not reach that log."""
+    """The CLI logs at INFO; GX's own INFO bookkeeping (71 lines a stage) must not reach that log."""
     caplog.set_level(logging.INFO)
     caplog.set_level(logging.NOTSET, logger="great_expectations")  # as in a fresh process
     processed = write_dataset(tmp_path / "processed", "tiny")
