@@ -101,7 +101,7 @@ def _denoisers(params: Params, dataset: str, paths: ProjectPaths) -> tuple[list[
         if not paths.model(dataset, model).exists():
             continue
         recs = load_reconstructors(params, dataset, model, paths)
-        if recs[-1].denoise_from is not None:
+        if recs[-1].denoise_from:
             denoisers.append(recs[-1])
         elif recs[-1].family == "pca" and pca is None:
             pca = recs[-1]
@@ -136,7 +136,7 @@ def image_restoration(
         if pca is not None:
             methods[f"PCA k={pca.latent_size}"] = pca.reconstruct(noisy)
         for rec in denoisers:
-            methods[f"{rec.label} (trained on {rec.denoise_from})"] = rec.reconstruct(noisy)
+            methods[f"{rec.label} (trained on {rec.trained_on})"] = rec.reconstruct(noisy)
         denoising[name] = {method: quality(test.clean, out) for method, out in methods.items()}
         region = load_corruption(paths.corrupted(dataset), name, "test").corrupted_region()
         if region is not None:
@@ -217,7 +217,7 @@ def speech_cleaning(
         for rec in denoisers:
             cleaned = rec.reconstruct(noisy_unit)
             cleaned_by[rec.label] = cleaned
-            snr[f"{rec.label} (trained on {rec.denoise_from})"] = _spectral_snr(test.clean, cleaned, manifest)
+            snr[f"{rec.label} (trained on {rec.trained_on})"] = _spectral_snr(test.clean, cleaned, manifest)
         means = {method: float(np.nanmean(values)) for method, values in snr.items()}
         results[name] = {
             "snr_db": means,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from latentlab.errors import ConfigError
 
@@ -151,6 +151,21 @@ class CorruptConfig(Section):
 LatentSizes = tuple[Annotated[int, Field(ge=1)], ...]
 
 
+def _corruption_names(value: Any) -> Any:
+    """One corruption name or a list of them -> a tuple of distinct names."""
+    names = (value,) if isinstance(value, str) else value
+    if isinstance(names, list | tuple):
+        if not names:
+            raise ValueError("needs at least one corruption name")
+        if len(set(names)) != len(names):
+            raise ValueError(f"lists a corruption twice: {list(names)}")
+    return names
+
+
+# A corruption name (as the corrupt stage writes it, e.g. white_snr5db) or several.
+CorruptionNames = Annotated[tuple[Annotated[str, Field(min_length=1)], ...], BeforeValidator(_corruption_names)]
+
+
 class TrainingConfig(Section):
     """How the training engine fits one network (src/latentlab/engine.py)."""
 
@@ -182,15 +197,17 @@ class ModelSpec(Section):
     """What every entry of ``train.zoo`` has; each family adds its own hyperparameters."""
 
     latent_sizes: LatentSizes = (2, 4, 6)  # one network (or projection) per latent size
-    # Corruption of the corrupt stage to learn from (corrupted -> clean), per modality,
-    # e.g. {image: gaussian_sigma0.3, spectrogram: white_snr5db}; None = a plain autoencoder.
-    denoise_from: dict[Literal["image", "spectrogram"], str] | None = None
+    # Corruptions of the corrupt stage to learn from (corrupted -> clean), per modality: one name
+    # or a list, e.g. {image: gaussian_sigma0.3, spectrogram: [white_snr5db, babble_snr5db]}. With
+    # a list the model trains on every listed corruption of each clean sample (one cleaner for
+    # all of them); None = a plain autoencoder.
+    denoise_from: dict[Literal["image", "spectrogram"], CorruptionNames] | None = None
     training: TrainingConfig = TrainingConfig()
 
-    def corruption_for(self, modality: str) -> str | None:
-        """The corruption this model learns to undo on data of ``modality`` (None: none)."""
+    def corruptions_for(self, modality: str) -> tuple[str, ...]:
+        """The corruptions this model learns to undo on data of ``modality`` (empty: none)."""
         if self.denoise_from is None:
-            return None
+            return ()
         try:
             return self.denoise_from[modality]  # type: ignore[index]
         except KeyError:
@@ -536,7 +553,7 @@ class SweepGrid(Section):
 
     latent_size: tuple[Annotated[int, Field(ge=1)], ...] | None = None  # code sizes k; None = the model's latent_sizes
     # Corruption of the inputs, a name the corrupt stage wrote (e.g. gaussian_sigma0.3), or "none" for clean
-    # inputs; None = the model's own denoise_from (or none).
+    # inputs; None = the model's own denoise_from, one point per listed corruption (or none).
     noise: tuple[Annotated[str, Field(min_length=1)], ...] | None = None
     seed: tuple[Annotated[int, Field(ge=0)], ...] | None = None  # init and batch-order seeds; None = train.seed
     rho: tuple[Annotated[float, Field(gt=0.0, lt=1.0)], ...] | None = None  # sparse: target mean activation

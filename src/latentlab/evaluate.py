@@ -37,13 +37,26 @@ class Reconstructor:
     model: str  # name in train.zoo
     family: str
     latent_size: int
-    denoise_from: str | None
+    denoise_from: tuple[str, ...]  # corruptions it learned to undo; empty for a plain autoencoder
     encode: Callable[[Array], Array]  # (N, C, H, W) -> (N, k)
     reconstruct: Callable[[Array], Array]  # (N, C, H, W) -> (N, C, H, W), clipped to [0, 1]
 
     @property
     def label(self) -> str:
         return f"{self.model} k={self.latent_size}"
+
+    @property
+    def trained_on(self) -> str:
+        """The corruptions it learned to undo, e.g. ``white_snr5db + babble_snr5db``."""
+        return " + ".join(self.denoise_from)
+
+
+def _denoise_from(meta: dict[str, Any]) -> tuple[str, ...]:
+    """A saved model's corruptions: a list, or one name (models saved before lists were allowed)."""
+    value = meta.get("denoise_from")
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def load_reconstructors(params: Params, dataset: str, model: str, paths: ProjectPaths) -> list[Reconstructor]:
@@ -59,7 +72,7 @@ def load_reconstructors(params: Params, dataset: str, model: str, paths: Project
                 model,
                 "pca",
                 k,
-                None,
+                (),
                 encode=lambda x, k=k: pca.encode(x, k).astype(np.float32),
                 reconstruct=lambda x, k=k: np.clip(pca.reconstruct(x, k), 0.0, 1.0),
             )
@@ -76,7 +89,7 @@ def load_reconstructors(params: Params, dataset: str, model: str, paths: Project
                 model,
                 spec.family,
                 k,
-                meta.get("denoise_from"),
+                _denoise_from(meta),
                 encode=lambda x, net=net: engine.encode(net, x, device),
                 reconstruct=lambda x, net=net: np.clip(engine.reconstruct(net, x, device), 0.0, 1.0),
             )
@@ -194,15 +207,21 @@ def evaluate_model(params: Params, dataset: str, model: str, paths: ProjectPaths
             title=f"{title}: reconstruction error",
             logy=True,
         )
-        if largest.denoise_from is not None:
-            noisy = corrupted_test(paths, dataset, largest.denoise_from, test)
-            result["denoising"] = {"corruption": largest.denoise_from, "noisy": quality(test.clean, noisy)}
-            rows, labels = [test.clean[test.show], noisy[test.show]], ["clean", largest.denoise_from]
-            for rec in reconstructors:
-                restored = rec.reconstruct(noisy)
-                result["denoising"][f"k{rec.latent_size}"] = quality(test.clean, restored)
-                rows.append(restored[test.show])
-                labels.append(f"k={rec.latent_size}")
+        if largest.denoise_from:
+            # Per corruption it learned: the noisy test set and each latent size's restoration.
+            # One grid: the clean row, then per corruption its noisy row and the restored rows.
+            result["denoising"] = {}
+            rows, labels = [test.clean[test.show]], ["clean"]
+            for corruption in largest.denoise_from:
+                noisy = corrupted_test(paths, dataset, corruption, test)
+                scores = result["denoising"][corruption] = {"noisy": quality(test.clean, noisy)}
+                rows.append(noisy[test.show])
+                labels.append(corruption)
+                for rec in reconstructors:
+                    restored = rec.reconstruct(noisy)
+                    scores[f"k{rec.latent_size}"] = quality(test.clean, restored)
+                    rows.append(restored[test.show])
+                    labels.append(f"k={rec.latent_size}")
             save_image_grid(
                 rows, labels, figures / "denoising.png", title=f"{title}: denoising", spectrogram=spectrogram
             )
@@ -211,7 +230,14 @@ def evaluate_model(params: Params, dataset: str, model: str, paths: ProjectPaths
             **latent_space(largest, test, manifest, params, figures, f"{title} k={largest.latent_size}"),
         }
         write_json(
-            figures / "summary.json", {"dataset": dataset, "model": model, "modality": manifest.modality, **result}
+            figures / "summary.json",
+            {
+                "dataset": dataset,
+                "model": model,
+                "modality": manifest.modality,
+                "denoise_from": list(largest.denoise_from),  # in training order (the JSON sorts keys)
+                **result,
+            },
         )
     metrics_path = paths.metrics(dataset, model)
     write_json(metrics_path, result)

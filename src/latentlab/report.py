@@ -263,7 +263,7 @@ def _model_section(dataset: str, model: str, params: Params, paths: ProjectPaths
     return {
         "name": model,
         "family": spec.family,
-        "denoise_from": (summary.get("denoising") or {}).get("corruption"),
+        "denoise_from": " + ".join(summary.get("denoise_from") or []),
         "n_test": summary.get("n_test"),
         "images": [_rel(figures / f, reports) for f in pngs if (figures / f).exists()],
         "latent": summary.get("latent"),

@@ -118,7 +118,8 @@ def sweep_points(params: Params) -> list[SweepPoint]:
     modality = modality_of(params, dataset)
     grid = cfg.grid
     latent_sizes = grid.latent_size or spec.latent_sizes
-    noises = grid.noise or (spec.corruption_for(modality) or NO_NOISE,)
+    # A model that learns several corruptions gives one point per corruption on this axis.
+    noises = grid.noise or (spec.corruptions_for(modality) or (NO_NOISE,))
     seeds = grid.seed or (params.train.seed,)
     _check_noises(params, dataset, modality, noises)
     family_axes = {axis: values for axis, values in grid.axes().items() if axis in FAMILY_AXES}
@@ -130,7 +131,7 @@ def sweep_points(params: Params) -> list[SweepPoint]:
         point_spec = spec.model_copy(
             update={
                 "latent_sizes": (k,),
-                "denoise_from": None if noise == NO_NOISE else {modality: noise},
+                "denoise_from": None if noise == NO_NOISE else {modality: (noise,)},
                 "training": training,
                 **family_values,
             }
@@ -336,7 +337,7 @@ def run_point(root: Path, point: SweepPoint) -> dict[str, Any]:
             "sample_shape": list(shape),
             "latent_dim": point.latent_size,
             "options": spec.family_options(),
-            "denoise_from": None if point.noise == NO_NOISE else point.noise,
+            "denoise_from": None if point.noise == NO_NOISE else [point.noise],
         }
         engine.save_model(fitted.model, folder / MODEL_NAME, meta)
         # Written last: its presence means the point is finished.

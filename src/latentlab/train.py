@@ -104,24 +104,30 @@ def training_pairs(
     """(inputs, targets, labels) of a split as float32 (N, C, H, W).
 
     For a denoising model the inputs are the corrupted rows and the targets the
-    clean ones (rows align: the corrupt stage keeps the processed order).
+    clean ones (rows align: the corrupt stage keeps the processed order). With
+    m corruptions in ``denoise_from`` the arrays hold m * N rows: every kept
+    clean sample once per corruption, the corruptions one after the other.
     """
     clean = load_split(paths.processed(dataset), split)
     index = subsample_index(len(clean), limit, seed)
     x = to_unit_float(clean.x[index])
-    corruption = spec.corruption_for(load_manifest(paths.processed(dataset)).modality)
-    if corruption is None:
+    corruptions = spec.corruptions_for(load_manifest(paths.processed(dataset)).modality)
+    if not corruptions:
         return x, None, clean.y[index]
     from latentlab.corrupt import load_corruption
 
     corrupted_dir = paths.corrupted(dataset)
-    if not (corrupted_dir / f"{corruption}.npz").exists():
-        raise ConfigError(
-            f"params.yaml: train.zoo.*.denoise_from: no corruption {corruption!r} in {corrupted_dir} "
-            "(names come from the corrupt section, e.g. gaussian_sigma0.3 or white_snr5db)"
-        )
-    noisy = load_corruption(corrupted_dir, corruption, split).x
-    return to_unit_float(noisy[index]), x, clean.y[index]
+    for corruption in corruptions:
+        if not (corrupted_dir / f"{corruption}.npz").exists():
+            raise ConfigError(
+                f"params.yaml: train.zoo.*.denoise_from: no corruption {corruption!r} in {corrupted_dir} "
+                "(names come from the corrupt section, e.g. gaussian_sigma0.3 or white_snr5db)"
+            )
+    noisy = [to_unit_float(load_corruption(corrupted_dir, c, split).x[index]) for c in corruptions]
+    m = len(corruptions)
+    if m == 1:
+        return noisy[0], x, clean.y[index]
+    return np.concatenate(noisy), np.concatenate([x] * m), np.concatenate([clean.y[index]] * m)
 
 
 def train_network(
@@ -206,7 +212,7 @@ def train_network(
                 "sample_shape": list(shape),
                 "latent_dim": k,
                 "options": spec.family_options(),
-                "denoise_from": spec.corruption_for("spectrogram" if spectrogram else "image"),
+                "denoise_from": list(spec.corruptions_for("spectrogram" if spectrogram else "image")) or None,
             }
             if out is not None:
                 engine.save_model(result.model, out / f"k{k}.pt", meta)

@@ -84,7 +84,8 @@ def project(tmp_path_factory, warm_servers: Path) -> Path:
         "family": "deep",
         "latent_sizes": [4],
         "hidden": [16],
-        "denoise_from": {"image": "gaussian_sigma0.3", "spectrogram": "white_snr5db"},
+        # On speech both noises: one cleaner trained on each clip under white and under babble noise.
+        "denoise_from": {"image": "gaussian_sigma0.3", "spectrogram": ["white_snr5db", "babble_snr5db"]},
         "training": quick,
     }
     params["evaluate"]["latent"]["models"] = ["deep"]
@@ -137,12 +138,21 @@ def test_first_run_runs_every_stage_and_writes_outputs(project: Path, warm_serve
     assert 0.0 <= deep["latent"]["nmi"] <= 1.0
     assert (project / "reports/evaluation/digits/deep/latent_tsne.png").exists()
     tones = json.loads((project / "metrics/compare/tones.json").read_text())
-    cleaning = tones["speech_cleaning"]["white_snr5db"]
-    assert {"noisy input", "Wiener filter"} <= set(cleaning["snr_db"])
+    both = "denoising k=4 (trained on white_snr5db + babble_snr5db)"
+    for noise in ("white_snr5db", "babble_snr5db"):
+        cleaning = tones["speech_cleaning"][noise]
+        assert {"noisy input", "Wiener filter", both} <= set(cleaning["snr_db"])
+    # The evaluate stage restores the test set under each corruption the model learned.
+    tones_denoising = json.loads((project / "metrics/tones/denoising.json").read_text())["denoising"]
+    assert set(tones_denoising) == {"white_snr5db", "babble_snr5db"}
+    assert {"noisy", "k4"} <= set(tones_denoising["babble_snr5db"])
+    digits_denoising = json.loads((project / "metrics/digits/denoising.json").read_text())["denoising"]
+    assert set(digits_denoising) == {"gaussian_sigma0.3"}
     assert list((project / "reports/compare/tones/audio").glob("*.wav"))
 
     index = (project / "reports/index.html").read_text()
     assert "digits" in index and "tones" in index and "PCA" in index
+    assert "denoising from white_snr5db + babble_snr5db" in index  # the model's own order
     for link in re.findall(r'(?:href|src)="([^"#]+)"', index):
         assert (project / "reports" / link).exists(), f"broken link in index.html: {link}"
     assert (project / "reports/validation/digits/data_docs/index.html").exists()

@@ -63,6 +63,14 @@ def test_params_are_frozen():
             "fmax 6000.0 Hz is above the Nyquist frequency 4000.0 Hz",
         ),
         (lambda p: p.update(extra_section={}), "params.yaml: extra_section: unknown key"),
+        (
+            lambda p: p["train"]["zoo"]["denoising"]["denoise_from"].update(spectrogram=[]),
+            "params.yaml: train.zoo.denoising.denoise_from.spectrogram: needs at least one corruption name",
+        ),
+        (
+            lambda p: p["train"]["zoo"]["denoising"]["denoise_from"].update(image=["mask0.5", "mask0.5"]),
+            "train.zoo.denoising.denoise_from.image: lists a corruption twice: ['mask0.5', 'mask0.5']",
+        ),
     ],
 )
 def test_bad_params_give_one_line_naming_the_key(mutate, expected):

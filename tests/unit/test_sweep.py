@@ -34,7 +34,7 @@ def test_repository_sweep_enumerates_latent_size_by_noise_by_seed():
     ids = [p.id for p in points]
     assert len(set(ids)) == len(ids)
     noisy = next(p for p in points if p.noise != "none")
-    assert noisy.spec.denoise_from == {"image": noisy.noise}
+    assert noisy.spec.denoise_from == {"image": (noisy.noise,)}
     assert all(p.spec.training == cfg.training for p in points)
 
 
@@ -72,7 +72,7 @@ def test_axes_left_out_keep_the_models_values():
     spec = params.train.spec("denoising")
     points = sweep_points(params)
     assert [p.latent_size for p in points] == list(spec.latent_sizes)
-    assert {p.noise for p in points} == {spec.denoise_from["image"]}  # the model's own corruption
+    assert {p.noise for p in points} == set(spec.denoise_from["image"])  # the model's own corruption
     assert {p.seed for p in points} == {params.train.seed}
 
 
@@ -232,7 +232,7 @@ def test_run_point_is_deterministic_single_threaded_and_resumes(tiny_project: Pa
     assert json.loads((folder / "result.json").read_text()) == first
     assert (folder / "checkpoint.pt").exists()
     model, meta = engine.load_model(folder / "model.pt")
-    assert meta["latent_dim"] == 2 and meta["denoise_from"] == "gaussian_sigma0.3"
+    assert meta["latent_dim"] == 2 and meta["denoise_from"] == ["gaussian_sigma0.3"]
 
     # Finished: read back, nothing trained.
     def no_fit(*args, **kwargs):

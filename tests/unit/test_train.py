@@ -1,0 +1,74 @@
+"""Training pairs of a denoising model: one corruption or several, rows aligned with the clean targets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from latentlab.config import parse_params
+from latentlab.data.store import load_split, to_unit_float
+from latentlab.errors import ConfigError
+from latentlab.paths import ProjectPaths
+from tests.conftest import tiny_params, write_bar_dataset
+
+
+def _project(root: Path, denoise_from: object):
+    """Processed bar images and their corruptions; ``denoising`` learns from ``denoise_from``."""
+    from latentlab.corrupt import corrupt_dataset
+
+    raw = tiny_params(root, {"bars": {"kind": "idx", "path": str(root / "unused")}})
+    raw["train"]["zoo"]["denoising"]["denoise_from"] = denoise_from
+    params = parse_params(raw)
+    paths = ProjectPaths(root)
+    write_bar_dataset(paths.processed("bars"), "bars", {"train": 20, "val": 4, "test": 6})
+    corrupt_dataset("bars", paths.processed("bars"), paths.corrupted("bars"), params.corrupt)
+    return params, paths
+
+
+def test_several_corruptions_give_every_sample_once_per_corruption(tmp_path: Path):
+    from latentlab.corrupt import load_corruption
+    from latentlab.train import subsample_index, training_pairs
+
+    names = ["gaussian_sigma0.3", "salt_pepper0.2"]
+    params, paths = _project(tmp_path, {"image": names, "spectrogram": "white_snr5db"})
+    spec = params.train.spec("denoising")
+    assert spec.corruptions_for("image") == tuple(names)
+    assert spec.corruptions_for("spectrogram") == ("white_snr5db",)
+
+    inputs, targets, labels = training_pairs(paths, "bars", spec, "train", limit=25, seed=0)
+    clean = load_split(paths.processed("bars"), "train")
+    kept = subsample_index(len(clean), 25, seed=0)  # 25 of the 60 training images
+    n = len(kept)
+    assert inputs.shape == (2 * n, *clean.x.shape[1:]) and targets.shape == inputs.shape
+    assert inputs.dtype == np.float32 and targets.dtype == np.float32
+    # The kept rows once per corruption: the clean targets and labels repeat, the inputs are
+    # each corruption's copy of those rows, in the listed order.
+    np.testing.assert_array_equal(targets, np.concatenate([to_unit_float(clean.x[kept])] * 2))
+    np.testing.assert_array_equal(labels, np.concatenate([clean.y[kept]] * 2))
+    for half, name in enumerate(names):
+        noisy = load_corruption(paths.corrupted("bars"), name, "train").x
+        np.testing.assert_array_equal(inputs[half * n : (half + 1) * n], to_unit_float(noisy[kept]))
+    assert not np.array_equal(inputs[:n], inputs[n:])
+
+
+def test_one_corruption_name_and_a_missing_one(tmp_path: Path):
+    from latentlab.train import training_pairs
+
+    params, paths = _project(tmp_path, {"image": "gaussian_sigma0.3", "spectrogram": "white_snr5db"})
+    spec = params.train.spec("denoising")
+    inputs, targets, _ = training_pairs(paths, "bars", spec, "val", limit=None, seed=0)
+    assert inputs.shape == targets.shape == (12, 1, 8, 8)
+
+    missing = spec.model_copy(update={"denoise_from": {"image": ("gaussian_sigma0.3", "gaussian_sigma0.9")}})
+    with pytest.raises(ConfigError, match=r"no corruption 'gaussian_sigma0.9' in .*corrupted/bars"):
+        training_pairs(paths, "bars", missing, "val", limit=None, seed=0)
+
+
+def test_saved_models_name_their_corruptions_as_a_list_or_one_name():
+    from latentlab.evaluate import _denoise_from
+
+    assert _denoise_from({}) == () and _denoise_from({"denoise_from": None}) == ()
+    assert _denoise_from({"denoise_from": "white_snr5db"}) == ("white_snr5db",)  # saved before lists
+    assert _denoise_from({"denoise_from": ["white_snr5db", "babble_snr5db"]}) == ("white_snr5db", "babble_snr5db")
