@@ -49,11 +49,12 @@ from latentlab.config import GanSpec, Params, QualityConfig, VaeSpec
 from latentlab.data.store import Manifest, load_manifest, load_split, to_unit_float
 from latentlab.errors import DataError
 from latentlab.paths import ProjectPaths
-from latentlab.train import RunLog, subsample_index
+from latentlab.train import RunLog, log_epoch_losses, subsample_index
 
 if TYPE_CHECKING:
     import torch
 
+    from latentlab.adversarial import GanEpochReport
     from latentlab.models.gan import GanPair
     from latentlab.models.vae import VariationalAutoencoder
     from latentlab.quality import DomainClassifier
@@ -377,11 +378,8 @@ def _train_vae(ctx: _Context, run: RunLog | None) -> dict[str, Any]:
             def on_epoch(report: engine.EpochReport, net: Any, k: int = k) -> None:
                 if run is None:
                     return
-                # Every step of every part (loss, reconstruction, kl, elbo): one batched call each.
-                first = report.step - len(report.steps["loss"])
-                for part, values in report.steps.items():
-                    run.log_series(f"k{k}.step.{part}", values, start_step=first)
-                run.log_metrics({f"k{k}.train": report.train, f"k{k}.val": report.val}, step=report.epoch)
+                # Parts: loss, reconstruction, kl, elbo.
+                log_epoch_losses(run, report, f"k{k}.", train=report.train, val=report.val)
                 if not report.is_shown():
                     return
                 rows, _ = _sample_rows(net, per_row, ctx.quality.seed)
@@ -621,13 +619,11 @@ def _train_gan(ctx: _Context, run: RunLog | None) -> dict[str, Any]:
     with atomic_dir(ctx.model_dir) as out, tempfile.TemporaryDirectory() as figures_dir:
         figures = Path(figures_dir)
 
-        def on_epoch(report: Any, pair: GanPair) -> None:
+        def on_epoch(report: GanEpochReport, pair: GanPair) -> None:
             if run is None:
                 return
-            first = report.step - len(report.steps["d_loss"])
-            for part, values in report.steps.items():  # d_loss, g_loss, d_real, d_fake
-                run.log_series(f"step.{part}", values, start_step=first)
-            run.log_metrics({"train": report.train, "monitor": report.monitor}, step=report.epoch)
+            # Parts: d_loss, g_loss, d_real, d_fake.
+            log_epoch_losses(run, report, train=report.train, monitor=report.monitor)
             rows, _ = _sample_rows(pair, per_row, q.seed)
             grid = figures / f"epoch{report.epoch:03d}.png"
             save_tiles(rows, grid, spectrogram=ctx.spectrogram)

@@ -40,6 +40,30 @@ class RunLog(Protocol):
     def set_tags(self, tags: dict[str, Any]) -> None: ...
 
 
+class EpochLosses(Protocol):
+    """The loss figures of one finished epoch (:class:`latentlab.engine.EpochReport`,
+    :class:`latentlab.adversarial.GanEpochReport`)."""
+
+    epoch: int  # 1-based
+    step: int  # optimiser steps so far, this epoch's included
+    steps: dict[str, list[float]]  # each loss part at every step of this epoch
+
+
+def log_epoch_losses(run: RunLog, report: EpochLosses, prefix: str = "", **per_epoch: dict[str, float]) -> None:
+    """Log an epoch's losses: every step of each part, and the epoch's figures.
+
+    ``{prefix}step.{part}`` gets one value per optimiser step (one batched
+    series per part: a call per step costs ~7 ms on SQLite, more than the step);
+    each ``per_epoch`` group (``train``, ``val``, ``monitor``) goes to
+    ``{prefix}{group}.{part}`` at step ``epoch``.
+    """
+    steps_this_epoch = len(next(iter(report.steps.values()), []))
+    first = report.step - steps_this_epoch
+    for part, values in report.steps.items():
+        run.log_series(f"{prefix}step.{part}", values, start_step=first)
+    run.log_metrics({f"{prefix}{group}": figures for group, figures in per_epoch.items()}, step=report.epoch)
+
+
 @dataclass(frozen=True)
 class TrainResult:
     model_dir: Path
@@ -183,10 +207,7 @@ def train_network(
             def on_epoch(report: engine.EpochReport, model: Any, k: int = k) -> None:
                 if run is None:
                     return
-                first = report.step - len(report.steps["loss"])
-                for part, values in report.steps.items():
-                    run.log_series(f"k{k}.step.{part}", values, start_step=first)
-                run.log_metrics({f"k{k}.train": report.train, f"k{k}.val": report.val}, step=report.epoch)
+                log_epoch_losses(run, report, f"k{k}.", train=report.train, val=report.val)
                 if not report.is_shown():
                     return
                 grid = figures / f"k{k}_epoch{report.epoch:03d}.png"

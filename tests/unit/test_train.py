@@ -1,4 +1,5 @@
-"""Training pairs of a denoising model: one corruption or several, rows aligned with the clean targets."""
+"""Training: a denoising model's pairs (one corruption or several, rows aligned with the clean
+targets), and how an epoch's losses are logged."""
 
 from __future__ import annotations
 
@@ -72,3 +73,32 @@ def test_saved_models_name_their_corruptions_as_a_list_or_one_name():
     assert _denoise_from({}) == () and _denoise_from({"denoise_from": None}) == ()
     assert _denoise_from({"denoise_from": "white_snr5db"}) == ("white_snr5db",)  # saved before lists
     assert _denoise_from({"denoise_from": ["white_snr5db", "babble_snr5db"]}) == ("white_snr5db", "babble_snr5db")
+
+
+def test_epoch_losses_go_to_one_series_per_part_at_their_step_numbers():
+    from types import SimpleNamespace
+
+    from latentlab.train import log_epoch_losses
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.series: list[tuple[str, list[float], int]] = []
+            self.metrics: list[tuple[dict, int]] = []
+
+        def log_series(self, key: str, values: list[float], start_step: int = 0) -> None:
+            self.series.append((key, list(values), start_step))
+
+        def log_metrics(self, metrics: dict, step: int = 0) -> None:
+            self.metrics.append((metrics, step))
+
+    # Epoch 3 ran steps 7..10 (10 steps so far, 4 this epoch).
+    report = SimpleNamespace(epoch=3, step=10, steps={"loss": [4.0, 3.0, 2.0, 1.0], "kl": [0.1, 0.2, 0.3, 0.4]})
+    run = Recorder()
+    log_epoch_losses(run, report, "k2.", train={"loss": 2.5}, val={"loss": 2.0})  # type: ignore[arg-type]
+    assert run.series == [("k2.step.loss", [4.0, 3.0, 2.0, 1.0], 6), ("k2.step.kl", [0.1, 0.2, 0.3, 0.4], 6)]
+    assert run.metrics == [({"k2.train": {"loss": 2.5}, "k2.val": {"loss": 2.0}}, 3)]
+
+    gan = Recorder()
+    log_epoch_losses(gan, SimpleNamespace(epoch=1, step=2, steps={"d_loss": [0.7, 0.6]}), monitor={"coverage": 1.0})  # type: ignore[arg-type]
+    assert gan.series == [("step.d_loss", [0.7, 0.6], 0)]
+    assert gan.metrics == [({"monitor": {"coverage": 1.0}}, 1)]
