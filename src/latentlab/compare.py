@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,9 @@ def image_restoration(
         rows = [test.clean[test.show], *[out[test.show] for out in methods.values()]]
         save_image_grid(
             rows,
-            ["clean", *methods],
+            # Wrapped: on one line, "denoising k=32 (trained on ...)" with four corruptions took
+            # half the figure's width from the images.
+            [textwrap.fill(label, 32) for label in ["clean", *methods]],
             figures / f"restore_{name}.png",
             title=f"{dataset}: {name}",
             spectrogram=spectrogram,

@@ -71,8 +71,9 @@ def test_axes_left_out_keep_the_models_values():
     params = _params(model="denoising", grid={})
     spec = params.train.spec("denoising")
     points = sweep_points(params)
-    assert [p.latent_size for p in points] == list(spec.latent_sizes)
-    assert {p.noise for p in points} == set(spec.denoise_from["image"])  # the model's own corruption
+    # One point per latent size and per corruption the model learns from.
+    pairs = [(k, noise) for k in spec.latent_sizes for noise in spec.denoise_from["image"]]
+    assert sorted((p.latent_size, p.noise) for p in points) == sorted(pairs)
     assert {p.seed for p in points} == {params.train.seed}
 
 
