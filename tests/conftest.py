@@ -107,6 +107,11 @@ def tiny_params(data_root: Path, datasets: dict[str, dict[str, Any]]) -> dict[st
     params["generate"]["datasets"] = []
     params["collapse"]["datasets"] = []
     params["corrupt"]["block_size"] = [4]
+    # Models that learn from the 12-pixel block learn from the 4-pixel one.
+    for spec in params["train"]["zoo"].values():
+        for modality, names in (spec.get("denoise_from") or {}).items():
+            listed = [names] if isinstance(names, str) else names
+            spec["denoise_from"][modality] = ["block4" if n == "block12" else n for n in listed]
     params["evaluate"]["grid_size"] = 4
     return params
 

@@ -9,7 +9,9 @@ naming the dotted key, e.g.::
 
 from __future__ import annotations
 
+import numbers
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -145,6 +147,70 @@ class CorruptConfig(Section):
     snr_db: tuple[Annotated[float, Field(ge=-30.0, le=60.0)], ...] = (5.0,)  # target SNR of noisy speech, dB
     audio_noise: tuple[Literal["white", "babble"], ...] = ("white", "babble")  # additive noise kinds for speech
     babble_speakers: Annotated[int, Field(ge=1, le=32)] = 4  # utterances summed into one babble noise
+
+
+# The corruptions a section asks for, named as the corrupt stage names its files: defined
+# here so that params.yaml can be checked against them (train.zoo.*.denoise_from) on parsing.
+@dataclass(frozen=True)
+class Corruption:
+    """One corruption kind at one level, i.e. one output file."""
+
+    kind: str  # gaussian, salt_pepper, mask, block, white, babble
+    parameter: str  # name of the level: sigma, amount, fraction, size, snr_db
+    config_key: str  # the params.yaml key the level comes from
+    level: float | int
+
+    @property
+    def name(self) -> str:
+        prefix = {
+            "gaussian": "gaussian_sigma",
+            "salt_pepper": "salt_pepper",
+            "mask": "mask",
+            "block": "block",
+            "white": "white_snr",
+            "babble": "babble_snr",
+        }[self.kind]
+        suffix = "db" if self.kind in ("white", "babble") else ""
+        return f"{prefix}{format_level(self.level)}{suffix}"
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.npz"
+
+
+def format_level(value: float | int) -> str:
+    """A level written compactly for a file name: 0.3 -> '0.3', 5.0 -> '5', 12 -> '12'."""
+    if isinstance(value, numbers.Integral):  # numpy's integers too
+        return str(int(value))
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def plan_corruptions(modality: str, cfg: CorruptConfig) -> list[Corruption]:
+    """The corruptions ``cfg`` asks for on a dataset of ``modality``, in output order.
+
+    Raises:
+        ConfigError: a level is listed twice (two levels would share a file name).
+    """
+    if modality == "image":
+        plan = [
+            *(Corruption("gaussian", "sigma", "corrupt.gaussian_sigma", s) for s in cfg.gaussian_sigma),
+            *(Corruption("salt_pepper", "amount", "corrupt.salt_pepper_amount", a) for a in cfg.salt_pepper_amount),
+            *(Corruption("mask", "fraction", "corrupt.mask_fraction", f) for f in cfg.mask_fraction),
+            *(Corruption("block", "size", "corrupt.block_size", b) for b in cfg.block_size),
+        ]
+    else:
+        plan = [
+            Corruption(noise, "snr_db", "corrupt.snr_db", snr)
+            for noise in dict.fromkeys(cfg.audio_noise)
+            for snr in cfg.snr_db
+        ]
+    seen: dict[str, Corruption] = {}
+    for c in plan:
+        if c.name in seen:
+            raise ConfigError(f"params.yaml: {c.config_key}: level {format_level(c.level)} is listed twice")
+        seen[c.name] = c
+    return plan
 
 
 # ---------------------------------------------------------------------- train
@@ -641,8 +707,26 @@ class Params(Section):
                     raise ValueError(f"dataset {name!r} is listed in {section}.datasets but not in pipeline.datasets")
         if self.collapse.datasets and self.collapse.model not in self.generate.zoo:
             raise ValueError(f"collapse.model {self.collapse.model!r} is not defined under generate.zoo")
+        self._check_denoise_from()
         self._check_sweep()
         return self
+
+    def _check_denoise_from(self) -> None:
+        """Every corruption a model of train.models learns from is one the corrupt section makes.
+
+        Caught here, not when the train stage finds no such file after ingest and corrupt have
+        run: ``dvc exp run -S corrupt.gaussian_sigma='[0.5]'`` drops ``gaussian_sigma0.3``.
+        Models defined in train.zoo but not listed are not trained, so not checked.
+        """
+        for name in self.train.models:  # each defined under train.zoo (TrainConfig checks)
+            for modality, corruptions in (self.train.zoo[name].denoise_from or {}).items():
+                made = [c.name for c in plan_corruptions(modality, self.corrupt)]
+                for corruption in corruptions:
+                    if corruption not in made:
+                        raise ValueError(
+                            f"train.zoo.{name}.denoise_from.{modality}: no corruption {corruption!r} "
+                            f"(the corrupt section makes: {', '.join(made) or 'none'})"
+                        )
 
     def _check_sweep(self) -> None:
         # Messages start with the key they are about: _first_error shows them as "params.yaml: KEY: ...".

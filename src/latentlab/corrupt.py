@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from latentlab.atomic import atomic_dir, write_json
-from latentlab.config import CorruptConfig
+from latentlab.config import CorruptConfig, Corruption, plan_corruptions
 from latentlab.data.store import Manifest, SplitArrays, from_unit_float, load_manifest, load_split, to_unit_float
 from latentlab.errors import ConfigError, DataError
 
@@ -328,68 +328,6 @@ def measured_snr_db(clean: np.ndarray, noisy: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------- the stage
-@dataclass(frozen=True)
-class Corruption:
-    """One corruption kind at one level, i.e. one output file."""
-
-    kind: str  # gaussian, salt_pepper, mask, block, white, babble
-    parameter: str  # name of the level: sigma, amount, fraction, size, snr_db
-    config_key: str  # the params.yaml key the level comes from
-    level: float | int
-
-    @property
-    def name(self) -> str:
-        prefix = {
-            "gaussian": "gaussian_sigma",
-            "salt_pepper": "salt_pepper",
-            "mask": "mask",
-            "block": "block",
-            "white": "white_snr",
-            "babble": "babble_snr",
-        }[self.kind]
-        suffix = "db" if self.kind in ("white", "babble") else ""
-        return f"{prefix}{format_level(self.level)}{suffix}"
-
-    @property
-    def file(self) -> str:
-        return f"{self.name}.npz"
-
-
-def format_level(value: float | int) -> str:
-    """A level written compactly for a file name: 0.3 -> '0.3', 5.0 -> '5', 12 -> '12'."""
-    if isinstance(value, int | np.integer):
-        return str(int(value))
-    text = repr(float(value))
-    return text[:-2] if text.endswith(".0") else text
-
-
-def plan_corruptions(modality: str, cfg: CorruptConfig) -> list[Corruption]:
-    """The corruptions ``cfg`` asks for on a dataset of ``modality``, in output order.
-
-    Raises:
-        ConfigError: a level is listed twice (two levels would share a file name).
-    """
-    if modality == "image":
-        plan = [
-            *(Corruption("gaussian", "sigma", "corrupt.gaussian_sigma", s) for s in cfg.gaussian_sigma),
-            *(Corruption("salt_pepper", "amount", "corrupt.salt_pepper_amount", a) for a in cfg.salt_pepper_amount),
-            *(Corruption("mask", "fraction", "corrupt.mask_fraction", f) for f in cfg.mask_fraction),
-            *(Corruption("block", "size", "corrupt.block_size", b) for b in cfg.block_size),
-        ]
-    else:
-        plan = [
-            Corruption(noise, "snr_db", "corrupt.snr_db", snr)
-            for noise in dict.fromkeys(cfg.audio_noise)
-            for snr in cfg.snr_db
-        ]
-    seen: dict[str, Corruption] = {}
-    for c in plan:
-        if c.name in seen:
-            raise ConfigError(f"params.yaml: {c.config_key}: level {format_level(c.level)} is listed twice")
-        seen[c.name] = c
-    return plan
-
-
 def corruption_rng(seed: int, name: str, split: str) -> np.random.Generator:
     """The generator of corruption ``name`` on ``split``: seeded by ``seed`` and a stable hash.
 

@@ -157,7 +157,7 @@ def sweep_points(params: Params) -> list[SweepPoint]:
 
 
 def _check_noises(params: Params, dataset: str, modality: str, noises: Sequence[str]) -> None:
-    from latentlab.corrupt import plan_corruptions
+    from latentlab.config import plan_corruptions
 
     known = [c.name for c in plan_corruptions(modality, params.corrupt)]
     for noise in noises:

@@ -71,6 +71,21 @@ def test_params_are_frozen():
             lambda p: p["train"]["zoo"]["denoising"]["denoise_from"].update(image=["mask0.5", "mask0.5"]),
             "train.zoo.denoising.denoise_from.image: lists a corruption twice: ['mask0.5', 'mask0.5']",
         ),
+        (
+            # A variant that changes a noise level must not leave a model learning from a level no longer made.
+            lambda p: p["corrupt"].update(gaussian_sigma=[0.5]),
+            "params.yaml: train.zoo.denoising.denoise_from.image: no corruption 'gaussian_sigma0.3' "
+            "(the corrupt section makes: gaussian_sigma0.5, salt_pepper0.2, mask0.5, block12)",
+        ),
+        (
+            lambda p: p["train"]["zoo"]["denoising"]["denoise_from"].update(spectrogram="pink_snr5db"),
+            "train.zoo.denoising.denoise_from.spectrogram: no corruption 'pink_snr5db' "
+            "(the corrupt section makes: white_snr5db, babble_snr5db)",
+        ),
+        (
+            lambda p: p["corrupt"].update(mask_fraction=[0.5, 0.5]),
+            "params.yaml: corrupt.mask_fraction: level 0.5 is listed twice",
+        ),
     ],
 )
 def test_bad_params_give_one_line_naming_the_key(mutate, expected):
@@ -96,3 +111,14 @@ def test_unknown_dataset_lookup_names_known_ones():
     params = load_params(REPO / "params.yaml")
     with pytest.raises(ConfigError, match="no dataset named 'cifar'.*fashion_mnist"):
         params.dataset("cifar")
+
+
+def test_denoise_from_is_checked_only_for_the_models_that_are_trained():
+    raw = _base()
+    raw["corrupt"]["gaussian_sigma"] = [0.5]
+    raw["train"]["models"] = [m for m in raw["train"]["models"] if m != "denoising"]
+    params = parse_params(raw)  # denoising still names gaussian_sigma0.3, but nothing trains it
+    assert params.train.spec("denoising").corruptions_for("image")[0] == "gaussian_sigma0.3"
+    raw["train"]["models"].append("denoising")
+    with pytest.raises(ConfigError, match="denoise_from.image: no corruption 'gaussian_sigma0.3'"):
+        parse_params(raw)

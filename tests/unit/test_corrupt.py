@@ -12,14 +12,13 @@ import pytest
 from pydantic import ValidationError
 
 from latentlab import corrupt
-from latentlab.config import CorruptConfig, SpeechSource
+from latentlab.config import CorruptConfig, SpeechSource, format_level
 from latentlab.corrupt import (
     add_noise_at_snr,
     babble_noise,
     block_occlusion,
     corrupt_dataset,
     corruption_rng,
-    format_level,
     gaussian_noise,
     load_corruption,
     load_corruption_manifest,
