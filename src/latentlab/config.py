@@ -268,6 +268,11 @@ class ModelSpec(Section):
     # a list the model trains on every listed corruption of each clean sample (one cleaner for
     # all of them); None = a plain autoencoder.
     denoise_from: dict[Literal["image", "spectrogram"], CorruptionNames] | None = None
+    # On spectrogram data, w of the level-weighted reconstruction error: each log-mel bin's squared
+    # error weighted by exp(w * its clean [0, 1] level), so loud bins, which set the spectral SNR,
+    # count about as their magnitude at w = 8 (models.base.Autoencoder.reconstruction_error).
+    # 0 = plain MSE. Image data always get plain MSE.
+    spectrogram_loss_weight: Annotated[float, Field(ge=0.0, le=20.0)] = 0.0
     training: TrainingConfig = TrainingConfig()
 
     def corruptions_for(self, modality: str) -> tuple[str, ...]:
@@ -289,7 +294,9 @@ class ModelSpec(Section):
 
     def family_options(self) -> dict[str, Any]:
         """The family's own hyperparameters, as keyword arguments of its model class."""
-        return self.model_dump(exclude={"family", "latent_sizes", "denoise_from", "training"})
+        return self.model_dump(
+            exclude={"family", "latent_sizes", "denoise_from", "spectrogram_loss_weight", "training"}
+        )
 
 
 class PcaSpec(ModelSpec):

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict
 
 from latentlab.atomic import atomic_path, write_json
 from latentlab.config import FAMILY_AXES, NO_NOISE, AnyModelSpec, Params
+from latentlab.data.store import load_manifest
 from latentlab.errors import ConfigError, DataError
 from latentlab.paths import ProjectPaths
 from latentlab.provenance import code_digest
@@ -299,6 +300,8 @@ def run_point(root: Path, point: SweepPoint) -> dict[str, Any]:
         shape = tuple(int(s) for s in data.train_in.shape[1:])
         torch.manual_seed(point.seed)
         model = build_model(spec.family, shape, point.latent_size, **spec.family_options())
+        if load_manifest(paths.processed(point.dataset)).modality == "spectrogram":
+            model.level_weight = spec.spectrogram_loss_weight  # as the train stage does
         fitted = engine.fit(
             model,
             engine.TrainingData(data.train_in, data.train_target),

@@ -203,6 +203,8 @@ def train_network(
         for k in sorted(spec.latent_sizes):
             torch.manual_seed(seed)
             model = build_model(spec.family, shape, k, **spec.family_options())
+            if spectrogram:
+                model.level_weight = spec.spectrogram_loss_weight
 
             def on_epoch(report: engine.EpochReport, model: Any, k: int = k) -> None:
                 if run is None:

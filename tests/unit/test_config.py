@@ -83,6 +83,10 @@ def test_params_are_frozen():
             "(the corrupt section makes: white_snr5db, babble_snr5db)",
         ),
         (
+            lambda p: p["train"]["zoo"]["denoising"].update(spectrogram_loss_weight=-1),
+            "params.yaml: train.zoo.denoising.spectrogram_loss_weight: Input should be greater than or equal to 0",
+        ),
+        (
             lambda p: p["corrupt"].update(mask_fraction=[0.5, 0.5]),
             "params.yaml: corrupt.mask_fraction: level 0.5 is listed twice",
         ),

@@ -154,6 +154,35 @@ def test_forward_uses_target(family, shape, k):
     torch.testing.assert_close(against_clean.parts["reconstruction"], explicit)
 
 
+def test_level_weighted_reconstruction_error_by_hand():
+    model = _model("conv", (1, 8, 8), 2)
+    target = torch.tensor([0.0, 0.5, 1.0]).reshape(1, 1, 1, 3)
+    recon = torch.tensor([0.1, 0.5, 0.8]).reshape(1, 1, 1, 3)
+    # w = 0: the plain mean of the squared errors 0.01, 0, 0.04.
+    torch.testing.assert_close(model.reconstruction_error(recon, target), torch.tensor(0.05 / 3))
+    # w = 2: weights e^0, e^1, e^2 on those errors, divided by their sum.
+    model.level_weight = 2.0
+    weights = [1.0, math.e, math.e**2]
+    expected = (0.01 * weights[0] + 0.04 * weights[2]) / sum(weights)
+    torch.testing.assert_close(model.reconstruction_error(recon, target), torch.tensor(expected))
+
+
+@pytest.mark.parametrize(("family", "shape", "k"), _cases(MSE_FAMILIES))
+def test_every_mse_family_uses_the_level_weight(family, shape, k):
+    model = _model(family, shape, k).eval()
+    clean = _batch(shape)
+    noisy = (clean + 0.3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(5))).clamp(0, 1)
+    with torch.no_grad():
+        plain = model(noisy, target=clean)
+        model.level_weight = 8.0
+        weighted = model(noisy, target=clean)
+        weights = torch.exp(8.0 * clean)
+        expected = (weights * (weighted.reconstruction - clean) ** 2).sum() / weights.sum()
+    assert torch.equal(plain.reconstruction, weighted.reconstruction)
+    torch.testing.assert_close(weighted.parts["reconstruction"], expected)
+    assert not torch.isclose(plain.parts["reconstruction"], weighted.parts["reconstruction"])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_construction_is_deterministic(family):
     a, b = _model(family, (1, 28, 28), 2, seed=7), _model(family, (1, 28, 28), 2, seed=7)

@@ -51,13 +51,30 @@ class Autoencoder(nn.Module):
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
 
+    #: w of the level-weighted reconstruction error (0: plain MSE); the train stage sets it on
+    #: spectrogram data from ``spectrogram_loss_weight``. See :meth:`reconstruction_error`.
+    level_weight: float = 0.0
+
+    def reconstruction_error(self, recon: Tensor, target: Tensor) -> Tensor:
+        """Mean squared error per value, or with ``level_weight`` w > 0 the weighted mean
+        sum_i a_i (recon_i - target_i)^2 / sum_i a_i with a_i = exp(w * target_i).
+
+        On [0, 1]-scaled log-mels (80 dB per unit) a_i = 10^(w * dB_i / (80 ln 10)): w = 8 weighs
+        each bin about as its clean magnitude (10^(dB/20)), which is what the spectral SNR counts;
+        plain MSE on the dB scale gives silence the weight of speech.
+        """
+        if self.level_weight == 0.0:
+            # The same value and gradient as torch.mean((recon - target) ** 2), bit for bit on CPU,
+            # in fewer CUDA kernels (one fused forward, one backward).
+            return F.mse_loss(recon, target)
+        weight = torch.exp(self.level_weight * target)
+        return (weight * (recon - target) ** 2).sum() / weight.sum()
+
     def forward(self, x: Tensor, target: Tensor | None = None) -> ModelOutput:
-        """Mean squared reconstruction error per pixel (a Gaussian likelihood up to constants)."""
+        """Reconstruction error per pixel (MSE: a Gaussian likelihood up to constants)."""
         target = x if target is None else target
         recon = self.reconstruct(x)
-        # The same value and gradient as torch.mean((recon - target) ** 2), bit for bit on CPU,
-        # in fewer CUDA kernels (one fused forward, one backward).
-        mse = F.mse_loss(recon, target)
+        mse = self.reconstruction_error(recon, target)
         return ModelOutput(loss=mse, parts={"reconstruction": mse.detach()}, reconstruction=recon)
 
 

@@ -52,7 +52,7 @@ class ContractiveAutoencoder(SigmoidAutoencoder):
         target = x if target is None else target
         h = self.encode(x)  # (N, k)
         recon = self.decode(h)
-        mse = torch.mean((recon - target) ** 2)
+        mse = self.reconstruction_error(recon, target)
         frob2 = contractive_penalty(h, self.encoder.weight).mean()
         penalty = self.lam * frob2
         return ModelOutput(

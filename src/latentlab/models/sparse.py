@@ -64,7 +64,7 @@ class SparseAutoencoder(SigmoidAutoencoder):
         target = x if target is None else target
         h = self.encode(x)  # (N, k)
         recon = self.decode(h)
-        mse = torch.mean((recon - target) ** 2)
+        mse = self.reconstruction_error(recon, target)
         rho_hat = _at_least_float32(h).mean(dim=0)  # (k,) batch estimate of each unit's mean activation
         kl = kl_sparsity(self.rho, rho_hat)
         sparsity = self.beta * kl
