@@ -46,6 +46,12 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+def _clean_and_noisy(shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch and a copy with Gaussian noise (sigma 0.3), clamped to [0, 1]."""
+    clean = _batch(shape)
+    return clean, (clean + 0.3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(5))).clamp(0, 1)
+
+
 def _model(family: str, shape: tuple[int, int, int], k: int, seed: int = 0) -> Autoencoder:
     torch.manual_seed(seed)
     return build_model(family, sample_shape=shape, latent_dim=k)
@@ -143,8 +149,7 @@ def test_state_dict_round_trip(family, shape, k, tmp_path):
 @pytest.mark.parametrize(("family", "shape", "k"), _cases(MSE_FAMILIES))
 def test_forward_uses_target(family, shape, k):
     model = _model(family, shape, k).eval()
-    clean = _batch(shape)
-    noisy = (clean + 0.3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(5))).clamp(0, 1)
+    clean, noisy = _clean_and_noisy(shape)
     with torch.no_grad():
         against_self = model(noisy)
         against_clean = model(noisy, target=clean)
@@ -170,8 +175,7 @@ def test_level_weighted_reconstruction_error_by_hand():
 @pytest.mark.parametrize(("family", "shape", "k"), _cases(MSE_FAMILIES))
 def test_every_mse_family_uses_the_level_weight(family, shape, k):
     model = _model(family, shape, k).eval()
-    clean = _batch(shape)
-    noisy = (clean + 0.3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(5))).clamp(0, 1)
+    clean, noisy = _clean_and_noisy(shape)
     with torch.no_grad():
         plain = model(noisy, target=clean)
         model.level_weight = 8.0
