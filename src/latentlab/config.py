@@ -292,6 +292,10 @@ class ModelSpec(Section):
             raise ValueError("latent_sizes must be a non-empty list without repeats")
         return self
 
+    def level_weight_for(self, modality: str) -> float:
+        """The reconstruction error's level weight on data of ``modality``; images always get plain MSE."""
+        return self.spectrogram_loss_weight if modality == "spectrogram" else 0.0
+
     def family_options(self) -> dict[str, Any]:
         """The family's own hyperparameters, as keyword arguments of its model class."""
         return self.model_dump(

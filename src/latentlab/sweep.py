@@ -299,9 +299,8 @@ def run_point(root: Path, point: SweepPoint) -> dict[str, Any]:
         spec = point.spec
         shape = tuple(int(s) for s in data.train_in.shape[1:])
         torch.manual_seed(point.seed)
-        model = build_model(spec.family, shape, point.latent_size, **spec.family_options())
-        if load_manifest(paths.processed(point.dataset)).modality == "spectrogram":
-            model.level_weight = spec.spectrogram_loss_weight  # as the train stage does
+        level_weight = spec.level_weight_for(load_manifest(paths.processed(point.dataset)).modality)
+        model = build_model(spec.family, shape, point.latent_size, level_weight=level_weight, **spec.family_options())
         fitted = engine.fit(
             model,
             engine.TrainingData(data.train_in, data.train_target),

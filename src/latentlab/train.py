@@ -192,7 +192,8 @@ def train_network(
     v_in, v_target, _ = training_pairs(paths, dataset, spec, "val", None, seed)
     train_data, val_data = engine.TrainingData(x_in, x_target), engine.TrainingData(v_in, v_target)
     shape = tuple(int(s) for s in x_in.shape[1:])
-    spectrogram = load_manifest(paths.processed(dataset)).modality == "spectrogram"
+    modality = load_manifest(paths.processed(dataset)).modality
+    spectrogram = modality == "spectrogram"
     # A few fixed validation images, reconstructed after every epoch.
     show = np.unique(np.linspace(0, len(v_in) - 1, min(8, len(v_in))).round().astype(int))
     metrics: dict[str, float] = {"n_train": float(len(x_in)), "n_val": float(len(v_in))}
@@ -202,9 +203,9 @@ def train_network(
         figures = Path(figures_dir)
         for k in sorted(spec.latent_sizes):
             torch.manual_seed(seed)
-            model = build_model(spec.family, shape, k, **spec.family_options())
-            if spectrogram:
-                model.level_weight = spec.spectrogram_loss_weight
+            model = build_model(
+                spec.family, shape, k, level_weight=spec.level_weight_for(modality), **spec.family_options()
+            )
 
             def on_epoch(report: engine.EpochReport, model: Any, k: int = k) -> None:
                 if run is None:
@@ -235,7 +236,7 @@ def train_network(
                 "sample_shape": list(shape),
                 "latent_dim": k,
                 "options": spec.family_options(),
-                "denoise_from": list(spec.corruptions_for("spectrogram" if spectrogram else "image")) or None,
+                "denoise_from": list(spec.corruptions_for(modality)) or None,
             }
             if out is not None:
                 engine.save_model(result.model, out / f"k{k}.pt", meta)

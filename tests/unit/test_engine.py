@@ -133,14 +133,13 @@ def test_checkpoint_of_other_code_is_not_resumed(tmp_path, monkeypatch):
 
 
 def test_checkpoint_of_another_loss_weight_is_not_resumed(tmp_path):
-    # spectrogram_loss_weight is set on the built model (level_weight), not passed to the
-    # constructor: a finished run with another weight must not stand in for this one.
+    # spectrogram_loss_weight is set on the built model (level_weight), not a constructor
+    # argument of the family: a finished run with another weight must not stand in for this one.
     ckpt = tmp_path / "k3.pt"
 
     def fit(weight: float) -> engine.FitResult:
         torch.manual_seed(0)
-        model = build_model("deep", (1, 8, 8), 3)
-        model.level_weight = weight
+        model = build_model("deep", (1, 8, 8), 3, level_weight=weight)
         return engine.fit(model, TRAIN, VAL, CFG, seed=0, device=torch.device("cpu"), checkpoint=ckpt, progress=False)
 
     first = fit(8.0)

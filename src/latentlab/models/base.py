@@ -51,8 +51,8 @@ class Autoencoder(nn.Module):
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
 
-    #: w of the level-weighted reconstruction error (0: plain MSE); the train stage sets it on
-    #: spectrogram data from ``spectrogram_loss_weight``. See :meth:`reconstruction_error`.
+    #: w of the level-weighted reconstruction error (0: plain MSE), set by :func:`build_model`
+    #: (from ``ModelSpec.level_weight_for``). See :meth:`reconstruction_error`.
     level_weight: float = 0.0
 
     def reconstruction_error(self, recon: Tensor, target: Tensor) -> Tensor:
@@ -118,8 +118,13 @@ def register(name: str) -> Callable[[type[Autoencoder]], type[Autoencoder]]:
     return decorate
 
 
-def build_model(family: str, sample_shape: tuple[int, int, int], latent_dim: int, **options: Any) -> Autoencoder:
-    """Build a registered family; ``options`` are the family's own hyperparameters."""
+def build_model(
+    family: str, sample_shape: tuple[int, int, int], latent_dim: int, *, level_weight: float = 0.0, **options: Any
+) -> Autoencoder:
+    """Build a registered family; ``options`` are the family's own hyperparameters.
+
+    ``level_weight``: w of :meth:`Autoencoder.reconstruction_error` (0: plain MSE).
+    """
     # Importing the family modules fills the registry; done here, not at package import.
     from latentlab.models import contractive, conv, deep, linear, sparse, vae  # noqa: F401
 
@@ -127,4 +132,7 @@ def build_model(family: str, sample_shape: tuple[int, int, int], latent_dim: int
         factory = MODEL_REGISTRY[family]
     except KeyError:
         raise KeyError(f"unknown model family {family!r} (known: {', '.join(sorted(MODEL_REGISTRY))})") from None
-    return factory(sample_shape=sample_shape, latent_dim=latent_dim, **options)
+    model = factory(sample_shape=sample_shape, latent_dim=latent_dim, **options)
+    if level_weight:
+        model.level_weight = float(level_weight)
+    return model
