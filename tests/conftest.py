@@ -107,6 +107,7 @@ def tiny_params(data_root: Path, datasets: dict[str, dict[str, Any]]) -> dict[st
     params["generate"]["datasets"] = []
     params["collapse"]["datasets"] = []
     params["corrupt"]["block_size"] = [4]
+    params["corrupt"]["audio_train_draws"] = 2  # the extra-draw path still runs, at an eighth of the copies
     # Models that learn from the 12-pixel block learn from the 4-pixel one.
     for spec in params["train"]["zoo"].values():
         for modality, names in (spec.get("denoise_from") or {}).items():
@@ -186,3 +187,40 @@ def write_bar_dataset(folder: Path, name: str, per_class: dict[str, int], size: 
             source={"kind": "synthetic"},
         ),
     )
+
+
+def tone_clips(n: int, t: int = 4000, sr: int = 8000) -> np.ndarray:
+    """n sine tones of distinct frequencies and amplitudes, (n, t) float32."""
+    time = np.arange(t) / sr
+    freqs = 200.0 + 50.0 * np.arange(n)[:, None]
+    amps = np.linspace(0.05, 0.8, n)[:, None]
+    return (amps * np.sin(2 * np.pi * freqs * time)).astype(np.float32)
+
+
+def write_tone_spectrograms(folder: Path, silent_row: int | None = None, name: str = "digits") -> Path:
+    """Tiny processed speech-like dataset (12/6/6 clips): tones with faint noise, processed as ingest does it.
+
+    ``silent_row``: that test clip is all zeros.
+    """
+    from latentlab.config import SpeechSource
+    from latentlab.data import speech
+    from latentlab.data.store import Manifest, SplitArrays, save_manifest, save_split
+
+    source = SpeechSource(kind="speech", sample_rate=8000, duration=0.25, n_fft=256, hop_length=128, n_mels=16)
+    extra = speech.spectrogram_params(source)
+    counts = {"train": 12, "val": 6, "test": 6}
+    rng = np.random.default_rng(1)
+    audio = {}
+    for split, n in counts.items():
+        clips = tone_clips(n, t=extra["n_samples"])
+        audio[split] = clips + 0.01 * rng.standard_normal((n, extra["n_samples"])).astype(np.float32)
+    if silent_row is not None:
+        audio["test"][silent_row] = 0.0
+    scale = speech.SpectrogramScale.fit(speech.log_mel_db(audio["train"], extra), source.top_db)
+    extra["scale"] = scale.to_json()
+    for split, a in audio.items():
+        x = scale.to_unit(speech.log_mel_db(a, extra)).astype(np.float16)
+        save_split(folder, split, SplitArrays(x=x, y=np.arange(len(a)) % 3, ids=np.arange(len(a)), audio=a))
+    shape = (1, extra["n_mels"], extra["frames"])
+    save_manifest(folder, Manifest(name, "spectrogram", shape, ("0", "1", "2"), counts, {"kind": "test"}, extra))
+    return folder

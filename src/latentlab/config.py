@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from latentlab.errors import ConfigError
 
@@ -147,6 +156,9 @@ class CorruptConfig(Section):
     snr_db: tuple[Annotated[float, Field(ge=-30.0, le=60.0)], ...] = (5.0,)  # target SNR of noisy speech, dB
     audio_noise: tuple[Literal["white", "babble"], ...] = ("white", "babble")  # additive noise kinds for speech
     babble_speakers: Annotated[int, Field(ge=1, le=32)] = 4  # utterances summed into one babble noise
+    # Independent noise draws of every training clip (speech): a denoiser trained on one fixed
+    # noise per clip learns that noise; val and test keep one draw, so scores stay comparable.
+    audio_train_draws: Annotated[int, Field(ge=1, le=64)] = 1
 
 
 # The corruptions a section asks for, named as the corrupt stage names its files: defined
@@ -274,6 +286,25 @@ class ModelSpec(Section):
     # 0 = plain MSE. Image data always get plain MSE.
     spectrogram_loss_weight: Annotated[float, Field(ge=0.0, le=20.0)] = 0.0
     training: TrainingConfig = TrainingConfig()
+    # Keys of `training` that differ on data of one modality, e.g. {spectrogram: {min_steps: 4000}}:
+    # the default speech set has 380 clips, the image sets thousands of images. Stored merged over
+    # `training` (declared above it, so already validated), each a full TrainingConfig.
+    training_by_modality: dict[Literal["image", "spectrogram"], TrainingConfig] = {}
+
+    @field_validator("training_by_modality", mode="before")
+    @classmethod
+    def _merge_over_training(cls, value: Any, info: ValidationInfo) -> Any:
+        base = info.data.get("training")
+        if not isinstance(value, dict) or base is None:
+            return value  # pydantic reports the wrong type, or `training`'s own error comes first
+        return {
+            modality: base.model_dump() | update if isinstance(update, dict) else update
+            for modality, update in value.items()
+        }
+
+    def training_for(self, modality: str) -> TrainingConfig:
+        """The engine settings on data of ``modality``: ``training`` with that modality's keys replaced."""
+        return self.training_by_modality.get(modality, self.training)  # type: ignore[call-overload]
 
     def corruptions_for(self, modality: str) -> tuple[str, ...]:
         """The corruptions this model learns to undo on data of ``modality`` (empty: none)."""
@@ -299,7 +330,14 @@ class ModelSpec(Section):
     def family_options(self) -> dict[str, Any]:
         """The family's own hyperparameters, as keyword arguments of its model class."""
         return self.model_dump(
-            exclude={"family", "latent_sizes", "denoise_from", "spectrogram_loss_weight", "training"}
+            exclude={
+                "family",
+                "latent_sizes",
+                "denoise_from",
+                "spectrogram_loss_weight",
+                "training",
+                "training_by_modality",
+            }
         )
 
 
@@ -823,6 +861,8 @@ def _first_error(exc: ValidationError) -> str:
     # (ingest.datasets.NAME.speech.n_mels): drop it so the key reads as in the file.
     loc: list[str] = []
     for part in err["loc"]:
+        if part == "[key]":  # pydantic's mark of a bad mapping key, which the previous part names
+            continue
         if len(loc) >= 2 and loc[-2] == "datasets" and part in _SOURCE_KINDS:
             continue
         if len(loc) >= 2 and loc[-2] == "zoo" and part in _MODEL_FAMILIES:

@@ -21,6 +21,12 @@ holding per split ``{split}_x`` in the processed dtype and, where relevant,
 ``manifest.json`` describing every file with measured statistics. Rows are in
 the processed order; labels and ids stay in ``data/processed``.
 
+With ``corrupt.audio_train_draws`` = D > 1, the speech training split also holds
+``train_x_draws`` (D - 1, N, 1, H, W): the spectrograms of D - 1 further,
+independent noise draws of the same clips, so a denoiser is not fitted to one
+noise per clip (:meth:`CorruptedSplit.draws`). Their waveforms are not kept
+(D times the training audio, and nothing listens to them).
+
 Every random draw comes from a generator seeded by ``corrupt.seed`` and a stable
 hash of ``{corruption name}/{split}``, so files are reproducible and adding a
 level leaves the files of the other levels byte-identical.
@@ -384,7 +390,8 @@ def corrupt_dataset(dataset: str, processed_dir: Path, out_dir: Path, cfg: Corru
                 if manifest.modality == "image":
                     arrays_out, stats[split] = _corrupt_images(corruption, arrays.x, rng)
                 else:
-                    arrays_out, stats[split] = _corrupt_speech(corruption, arrays, manifest, cfg, rng)
+                    draws = cfg.audio_train_draws if split == "train" else 1
+                    arrays_out, stats[split] = _corrupt_speech(corruption, arrays, manifest, cfg, rng, draws)
                 payload.update({f"{split}_{key}": value for key, value in arrays_out.items()})
             if corruption.kind == "block":
                 payload["block_size"] = np.asarray(corruption.level, dtype=np.int64)
@@ -529,23 +536,41 @@ def _corrupt_images(
 
 
 def _corrupt_speech(
-    corruption: Corruption, arrays: SplitArrays, manifest: Manifest, cfg: CorruptConfig, rng: np.random.Generator
+    corruption: Corruption,
+    arrays: SplitArrays,
+    manifest: Manifest,
+    cfg: CorruptConfig,
+    rng: np.random.Generator,
+    draws: int = 1,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Add noise to the waveforms of one split and recompute their spectrograms."""
+    """Add noise to the waveforms of one split and recompute their spectrograms.
+
+    With ``draws`` > 1 the clips get ``draws - 1`` further independent noises,
+    drawn from ``rng`` after the first (so the first draw does not depend on
+    ``draws``), kept as spectrograms only: ``x_draws`` (draws - 1, N, 1, H, W).
+    """
     assert arrays.audio is not None
     clean = arrays.audio.astype(np.float32, copy=False)
-    if corruption.kind == "white":
-        noise = white_noise(clean.shape, rng)
-    else:
-        noise = babble_noise(clean, len(clean), cfg.babble_speakers, rng)
-    noisy = add_noise_at_snr(clean, noise, float(corruption.level))
+
+    def draw() -> np.ndarray:
+        if corruption.kind == "white":
+            noise = white_noise(clean.shape, rng)
+        else:
+            noise = babble_noise(clean, len(clean), cfg.babble_speakers, rng)
+        return add_noise_at_snr(clean, noise, float(corruption.level))
+
+    def spectrograms(noisy: np.ndarray) -> np.ndarray:
+        x = noisy_spectrograms(noisy, manifest.extra, arrays.x.dtype)
+        if x.shape != arrays.x.shape:
+            raise DataError(
+                f"{manifest.name}: noisy spectrograms have shape {x.shape} but the processed ones {arrays.x.shape}; "
+                "manifest.json extra does not match the processed data"
+            )
+        return x
+
+    noisy = draw()
     snr = measured_snr_db(clean, noisy)
-    x = noisy_spectrograms(noisy, manifest.extra, arrays.x.dtype)
-    if x.shape != arrays.x.shape:
-        raise DataError(
-            f"{manifest.name}: noisy spectrograms have shape {x.shape} but the processed ones {arrays.x.shape}; "
-            "manifest.json extra does not match the processed data"
-        )
+    x = spectrograms(noisy)
     silent = np.flatnonzero(np.isnan(snr))
     finite = snr[~np.isnan(snr)]
     stats: dict[str, Any] = {
@@ -556,7 +581,11 @@ def _corrupt_speech(
         "n_silent": int(silent.size),
         "silent_rows": silent.tolist(),
     }
-    return {"x": x, "audio": noisy, "snr_db": snr.astype(np.float32)}, stats
+    out = {"x": x, "audio": noisy, "snr_db": snr.astype(np.float32)}
+    if draws > 1:
+        out["x_draws"] = np.stack([spectrograms(draw()) for _ in range(draws - 1)])
+        stats["draws"] = draws
+    return out, stats
 
 
 def noisy_spectrograms(audio: np.ndarray, extra: dict[str, Any], dtype: np.dtype) -> np.ndarray:
@@ -600,7 +629,9 @@ class CorruptedSplit:
     pixel kept) of mask corruptions, (N, 1, H, W); ``block`` the (N, 2) top-left
     corners of block occlusions with side ``block_size``; ``audio`` the noisy
     waveforms (N, T) float32 and ``snr_db`` their achieved SNR (N,) (NaN = silent
-    clip left clean) for speech.
+    clip left clean) for speech. ``x_draws`` (D - 1, N, C, H, W) holds further
+    noise draws of the same rows, where ``corrupt.audio_train_draws`` asked for
+    them (the speech training split); ``x`` is always the first draw.
     """
 
     x: np.ndarray
@@ -609,9 +640,26 @@ class CorruptedSplit:
     block_size: int | None = None
     audio: np.ndarray | None = None
     snr_db: np.ndarray | None = None
+    x_draws: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.x)
+
+    @property
+    def n_draws(self) -> int:
+        """Noise draws of every row: 1 plus those in ``x_draws``."""
+        return 1 + (0 if self.x_draws is None else len(self.x_draws))
+
+    def draws(self, rows: np.ndarray) -> np.ndarray:
+        """Every draw of ``rows``, one draw after the other: (n_draws * len(rows), C, H, W).
+
+        Row ``d * len(rows) + i`` is draw ``d`` of ``rows[i]``, so the clean
+        targets are ``rows`` repeated ``n_draws`` times (``np.tile``).
+        """
+        first = self.x[rows]
+        if self.x_draws is None:
+            return first
+        return np.concatenate([first, *(more[rows] for more in self.x_draws)])
 
     def corrupted_region(self) -> np.ndarray | None:
         """Boolean (N, 1, H, W): pixels hidden by the mask or block; None for noise corruptions."""
@@ -660,4 +708,5 @@ def load_corruption(corrupted_dir: str | Path, name: str, split: str) -> Corrupt
             block_size=int(data["block_size"]) if "block_size" in data.files else None,
             audio=get("audio"),
             snr_db=get("snr_db"),
+            x_draws=get("x_draws"),
         )

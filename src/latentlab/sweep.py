@@ -124,7 +124,7 @@ def sweep_points(params: Params) -> list[SweepPoint]:
     seeds = grid.seed or (params.train.seed,)
     _check_noises(params, dataset, modality, noises)
     family_axes = {axis: values for axis, values in grid.axes().items() if axis in FAMILY_AXES}
-    training = cfg.training or spec.training
+    training = cfg.training or spec.training_for(modality)
 
     points = []
     for k, noise, *family, seed in itertools.product(latent_sizes, noises, *family_axes.values(), seeds):
@@ -134,6 +134,7 @@ def sweep_points(params: Params) -> list[SweepPoint]:
                 "latent_sizes": (k,),
                 "denoise_from": None if noise == NO_NOISE else {modality: (noise,)},
                 "training": training,
+                "training_by_modality": {},  # resolved into `training` above
                 **family_values,
             }
         )
@@ -232,11 +233,15 @@ def load_point_data(paths: ProjectPaths, point: SweepPoint) -> PointData:
         if point.noise != NO_NOISE:
             from latentlab.corrupt import load_corruption
 
-            noisy[split] = to_unit_float(load_corruption(paths.corrupted(point.dataset), point.noise, split).x[rows])
+            # Every noise draw of the rows (corrupt.audio_train_draws), as the train stage learns from.
+            corrupted = load_corruption(paths.corrupted(point.dataset), point.noise, split)
+            noisy[split] = to_unit_float(corrupted.draws(rows))
 
     def pair(split: str) -> tuple[np.ndarray, np.ndarray | None]:
         corrupted = noisy[split]
-        return (clean[split], None) if corrupted is None else (corrupted, clean[split])
+        if corrupted is None:
+            return clean[split], None
+        return corrupted, np.tile(clean[split], (len(corrupted) // len(clean[split]), 1, 1, 1))
 
     (train_in, train_target), (val_in, val_target) = pair("train"), pair("val")
     test_noisy = noisy["test"]

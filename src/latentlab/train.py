@@ -101,7 +101,8 @@ def train_pca(
     assert isinstance(spec, PcaSpec)
     if dist is not None and not dist.is_main:
         return TrainResult(paths.model(dataset, name), {})
-    train = subsample(load_split(paths.processed(dataset), "train"), spec.training.max_train_samples, params.train.seed)
+    limit = spec.training_for(load_manifest(paths.processed(dataset)).modality).max_train_samples
+    train = subsample(load_split(paths.processed(dataset), "train"), limit, params.train.seed)
     x = train.unit_float()
     pca = PCA.fit(x, max(spec.latent_sizes))
     with atomic_dir(paths.model(dataset, name)) as tmp:
@@ -130,7 +131,9 @@ def training_pairs(
     For a denoising model the inputs are the corrupted rows and the targets the
     clean ones (rows align: the corrupt stage keeps the processed order). With
     m corruptions in ``denoise_from`` the arrays hold m * N rows: every kept
-    clean sample once per corruption, the corruptions one after the other.
+    clean sample once per corruption, the corruptions one after the other; a
+    corruption with D noise draws of the split (``corrupt.audio_train_draws``)
+    gives D * N rows, draw after draw.
     """
     clean = load_split(paths.processed(dataset), split)
     index = subsample_index(len(clean), limit, seed)
@@ -147,11 +150,11 @@ def training_pairs(
                 f"params.yaml: train.zoo.*.denoise_from: no corruption {corruption!r} in {corrupted_dir} "
                 "(names come from the corrupt section, e.g. gaussian_sigma0.3 or white_snr5db)"
             )
-    noisy = [to_unit_float(load_corruption(corrupted_dir, c, split).x[index]) for c in corruptions]
-    m = len(corruptions)
-    if m == 1:
+    noisy = [to_unit_float(load_corruption(corrupted_dir, c, split).draws(index)) for c in corruptions]
+    copies = sum(len(n) for n in noisy) // len(index)  # corruptions times their draws
+    if copies == 1:
         return noisy[0], x, clean.y[index]
-    return np.concatenate(noisy), np.concatenate([x] * m), np.concatenate([clean.y[index]] * m)
+    return np.concatenate(noisy), np.tile(x, (copies, 1, 1, 1)), np.tile(clean.y[index], copies)
 
 
 def train_network(
@@ -177,7 +180,8 @@ def train_network(
 
     dist = dist or DistributedContext.single()
     spec = params.train.spec(name)
-    cfg = spec.training
+    modality = load_manifest(paths.processed(dataset)).modality
+    cfg = spec.training_for(modality)
     seed = params.train.seed
     if dist.distributed:
         # Each rank drives its own GPU (NCCL) or, on CPU (gloo), gets its share of the cores.
@@ -192,7 +196,6 @@ def train_network(
     v_in, v_target, _ = training_pairs(paths, dataset, spec, "val", None, seed)
     train_data, val_data = engine.TrainingData(x_in, x_target), engine.TrainingData(v_in, v_target)
     shape = tuple(int(s) for s in x_in.shape[1:])
-    modality = load_manifest(paths.processed(dataset)).modality
     spectrogram = modality == "spectrogram"
     # A few fixed validation images, reconstructed after every epoch.
     show = np.unique(np.linspace(0, len(v_in) - 1, min(8, len(v_in))).round().astype(int))

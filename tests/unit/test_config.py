@@ -90,6 +90,22 @@ def test_params_are_frozen():
             lambda p: p["corrupt"].update(mask_fraction=[0.5, 0.5]),
             "params.yaml: corrupt.mask_fraction: level 0.5 is listed twice",
         ),
+        (
+            lambda p: p["corrupt"].update(audio_train_draws=0),
+            "params.yaml: corrupt.audio_train_draws: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            lambda p: p["train"]["zoo"]["denoising"].update(training_by_modality={"spectrogram": {"min_step": 9}}),
+            "params.yaml: train.zoo.denoising.training_by_modality.spectrogram.min_step: unknown key",
+        ),
+        (
+            lambda p: p["train"]["zoo"]["denoising"].update(training_by_modality={"audio": {"min_steps": 9}}),
+            "params.yaml: train.zoo.denoising.training_by_modality.audio: Input should be 'image' or 'spectrogram'",
+        ),
+        (
+            lambda p: p["train"]["zoo"]["deep"].update(training_by_modality={"image": {"lr": 0}}),
+            "params.yaml: train.zoo.deep.training_by_modality.image.lr: Input should be greater than 0 (got 0)",
+        ),
     ],
 )
 def test_bad_params_give_one_line_naming_the_key(mutate, expected):
@@ -126,3 +142,16 @@ def test_denoise_from_is_checked_only_for_the_models_that_are_trained():
     raw["train"]["models"].append("denoising")
     with pytest.raises(ConfigError, match="denoise_from.image: no corruption 'gaussian_sigma0.3'"):
         parse_params(raw)
+
+
+def test_training_by_modality_replaces_only_its_keys():
+    raw = _base()
+    raw["train"]["zoo"]["conv"]["training"] = {"epochs": 6, "min_steps": 150, "lr": 0.002, "patience": 3}
+    raw["train"]["zoo"]["conv"]["training_by_modality"] = {"spectrogram": {"min_steps": 4000, "patience": None}}
+    spec = parse_params(raw).train.spec("conv")
+    image, speech = spec.training_for("image"), spec.training_for("spectrogram")
+    assert image == spec.training and (image.min_steps, image.patience) == (150, 3)
+    assert (speech.min_steps, speech.patience) == (4000, None)
+    # Every other key is the model's own `training`.
+    assert speech.model_dump(exclude={"min_steps", "patience"}) == image.model_dump(exclude={"min_steps", "patience"})
+    assert "training_by_modality" not in spec.family_options()

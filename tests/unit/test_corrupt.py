@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from latentlab import corrupt
-from latentlab.config import CorruptConfig, SpeechSource, format_level
+from latentlab.config import CorruptConfig, format_level
 from latentlab.corrupt import (
     add_noise_at_snr,
     babble_noise,
@@ -29,6 +29,7 @@ from latentlab.corrupt import (
 )
 from latentlab.data.store import Manifest, SplitArrays, save_manifest, save_split
 from latentlab.errors import ConfigError, DataError
+from tests.conftest import tone_clips, write_tone_spectrograms
 
 
 def _grey(n: int = 200, c: int = 1, size: int = 28) -> np.ndarray:
@@ -107,17 +108,9 @@ def test_same_generator_seed_same_result() -> None:
 
 
 # ------------------------------------------------------------------- audio
-def _tones(n: int, t: int = 4000, sr: int = 8000) -> np.ndarray:
-    """n sine tones of distinct frequencies and amplitudes, (n, t) float32."""
-    time = np.arange(t) / sr
-    freqs = 200.0 + 50.0 * np.arange(n)[:, None]
-    amps = np.linspace(0.05, 0.8, n)[:, None]
-    return (amps * np.sin(2 * np.pi * freqs * time)).astype(np.float32)
-
-
 @pytest.mark.parametrize("snr", [-5.0, 0.0, 5.0, 20.0])
 def test_white_noise_reaches_target_snr(snr: float) -> None:
-    clean = _tones(12)
+    clean = tone_clips(12)
     noisy = add_noise_at_snr(clean, white_noise(clean.shape, _rng()), snr)
     assert noisy.dtype == np.float32 and noisy.shape == clean.shape
     measured = measured_snr_db(clean, noisy)
@@ -126,7 +119,7 @@ def test_white_noise_reaches_target_snr(snr: float) -> None:
 
 
 def test_babble_noise_reaches_target_snr() -> None:
-    clean = _tones(12)
+    clean = tone_clips(12)
     noise = babble_noise(clean, len(clean), 4, _rng())
     noisy = add_noise_at_snr(clean, noise, 5.0)
     assert np.all(np.abs(measured_snr_db(clean, noisy) - 5.0) < 0.5)
@@ -148,7 +141,7 @@ def test_babble_uses_distinct_other_utterances_at_unit_power() -> None:
 
 
 def test_babble_skips_silent_utterances_and_checks_pool_size() -> None:
-    pool = _tones(6)
+    pool = tone_clips(6)
     pool[2] = 0.0
     noise = babble_noise(pool, 6, 4, _rng())  # 5 usable; rows in the pool have exactly 4 others
     assert noise.shape == (6, 4000)
@@ -164,7 +157,7 @@ def test_babble_with_speakers_equal_to_pool_minus_one() -> None:
 
 
 def test_silent_clips_are_left_unchanged() -> None:
-    clean = _tones(4)
+    clean = tone_clips(4)
     clean[1] = 0.0
     noisy = add_noise_at_snr(clean, white_noise(clean.shape, _rng()), 0.0)
     assert np.array_equal(noisy[1], clean[1])
@@ -316,37 +309,11 @@ def test_format_level() -> None:
 
 
 # ----------------------------------------------------------------- speech
-SPEECH_SOURCE = SpeechSource(kind="speech", sample_rate=8000, duration=0.25, n_fft=256, hop_length=128, n_mels=16)
-
-
-def _speech_dataset(folder: Path, silent_row: int | None = None) -> Path:
-    """Tiny speech-like dataset: tones with a noise burst, processed the way ingest does it."""
-    from latentlab.data import speech
-
-    extra = speech.spectrogram_params(SPEECH_SOURCE)
-    counts = {"train": 12, "val": 6, "test": 6}
-    rng = np.random.default_rng(1)
-    audio = {}
-    for split, n in counts.items():
-        a = _tones(n, t=extra["n_samples"]) + 0.01 * rng.standard_normal((n, extra["n_samples"])).astype(np.float32)
-        audio[split] = a
-    if silent_row is not None:
-        audio["test"][silent_row] = 0.0
-    scale = speech.SpectrogramScale.fit(speech.log_mel_db(audio["train"], extra), SPEECH_SOURCE.top_db)
-    extra["scale"] = scale.to_json()
-    for split, a in audio.items():
-        x = scale.to_unit(speech.log_mel_db(a, extra)).astype(np.float16)
-        save_split(folder, split, SplitArrays(x=x, y=np.arange(len(a)) % 3, ids=np.arange(len(a)), audio=a))
-    shape = (1, extra["n_mels"], extra["frames"])
-    save_manifest(folder, Manifest("digits", "spectrogram", shape, ("0", "1", "2"), counts, {"kind": "test"}, extra))
-    return folder
-
-
 SPEECH_CFG = CorruptConfig(snr_db=(0.0, 10.0), babble_speakers=3)
 
 
 def test_corrupt_speech_end_to_end(tmp_path: Path) -> None:
-    processed = _speech_dataset(tmp_path / "processed", silent_row=2)
+    processed = write_tone_spectrograms(tmp_path / "processed", silent_row=2)
     out = tmp_path / "corrupted"
     manifest = corrupt_dataset("digits", processed, out, SPEECH_CFG)
     names = ["white_snr0db", "white_snr10db", "babble_snr0db", "babble_snr10db"]
@@ -377,7 +344,7 @@ def test_corrupt_speech_end_to_end(tmp_path: Path) -> None:
 
 
 def test_speech_determinism_and_levels(tmp_path: Path) -> None:
-    processed = _speech_dataset(tmp_path / "processed")
+    processed = write_tone_spectrograms(tmp_path / "processed")
     corrupt_dataset("digits", processed, tmp_path / "a", SPEECH_CFG)
     corrupt_dataset("digits", processed, tmp_path / "b", SPEECH_CFG.model_copy(update={"snr_db": (0.0, 5.0, 10.0)}))
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
@@ -385,8 +352,45 @@ def test_speech_determinism_and_levels(tmp_path: Path) -> None:
     assert all(b[name] == content for name, content in a.items() if name != "manifest.json")
 
 
+def test_speech_train_draws(tmp_path: Path) -> None:
+    """audio_train_draws = 3: the training split gets two more independent noises of each clip, as spectrograms."""
+    processed = write_tone_spectrograms(tmp_path / "processed")
+    one, three = tmp_path / "one", tmp_path / "three"
+    corrupt_dataset("digits", processed, one, SPEECH_CFG)
+    manifest = corrupt_dataset("digits", processed, three, SPEECH_CFG.model_copy(update={"audio_train_draws": 3}))
+    clean = np.load(processed / "train.npz")
+    for name in ("white_snr0db", "babble_snr10db"):
+        single, drawn = load_corruption(one, name, "train"), load_corruption(three, name, "train")
+        assert single.n_draws == 1 and drawn.n_draws == 3
+        # The first draw does not depend on the number of draws; waveforms are kept for it alone.
+        assert np.array_equal(drawn.x, single.x) and np.array_equal(drawn.audio, single.audio)
+        assert drawn.x_draws is not None and drawn.x_draws.shape == (2, *clean["x"].shape)
+        assert drawn.x_draws.dtype == clean["x"].dtype
+        # Independent noises: every draw differs from the others and from the clean spectrogram.
+        x = drawn.x.astype(np.float32)
+        more = drawn.x_draws.astype(np.float32)
+        for a, b in ((x, more[0]), (x, more[1]), (more[0], more[1]), (more[0], clean["x"].astype(np.float32))):
+            assert np.abs(a - b).mean() > 0.01
+        # The extra draws are as noisy as the first: same mean distance to the clean spectrogram.
+        gap = [np.abs(d - clean["x"].astype(np.float32)).mean() for d in (x, *more)]
+        assert max(gap) < 1.5 * min(gap)
+        # draws(rows): draw after draw, each holding the given rows.
+        rows = np.array([1, 4, 7])
+        stacked = drawn.draws(rows)
+        assert stacked.shape == (9, *clean["x"].shape[1:])
+        assert np.array_equal(stacked[:3], drawn.x[rows]) and np.array_equal(stacked[6:], drawn.x_draws[1][rows])
+        assert np.array_equal(single.draws(rows), single.x[rows])
+        # Validation and test keep one draw, identical to the single-draw run.
+        for split in ("val", "test"):
+            assert load_corruption(three, name, split).x_draws is None
+            assert np.array_equal(load_corruption(three, name, split).x, load_corruption(one, name, split).x)
+    entry = {c["name"]: c for c in manifest["corruptions"]}["white_snr0db"]
+    assert entry["stats"]["train"]["draws"] == 3 and "draws" not in entry["stats"]["val"]
+    assert "x_draws" in entry["arrays"]
+
+
 def test_speech_babble_needs_enough_utterances(tmp_path: Path) -> None:
-    processed = _speech_dataset(tmp_path / "processed")  # val and test have 6 clips
+    processed = write_tone_spectrograms(tmp_path / "processed")  # val and test have 6 clips
     with pytest.raises(ConfigError, match=r"corrupt\.babble_speakers: 6 speakers .* split 'val'"):
         corrupt_dataset("digits", processed, tmp_path / "out", CorruptConfig(babble_speakers=6))
     assert not (tmp_path / "out").exists()
@@ -395,7 +399,7 @@ def test_speech_babble_needs_enough_utterances(tmp_path: Path) -> None:
 
 def test_speech_uses_log_mel_db_and_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The noisy spectrogram is scale.to_unit(log_mel_db(noisy audio, extra)), whatever speech.py computes."""
-    processed = _speech_dataset(tmp_path / "processed")
+    processed = write_tone_spectrograms(tmp_path / "processed")
     calls: list[tuple[tuple[int, ...], dict]] = []
 
     def fake_log_mel_db(audio: np.ndarray, params: dict) -> np.ndarray:

@@ -13,7 +13,7 @@ import yaml
 
 from latentlab.config import Params, load_params, parse_params
 from latentlab.errors import ConfigError, DataError
-from tests.conftest import REPO, tiny_params, write_bar_dataset
+from tests.conftest import REPO, tiny_params, write_bar_dataset, write_tone_spectrograms
 
 
 def _params(**sweep) -> Params:
@@ -75,6 +75,39 @@ def test_axes_left_out_keep_the_models_values():
     pairs = [(k, noise) for k in spec.latent_sizes for noise in spec.denoise_from["image"]]
     assert sorted((p.latent_size, p.noise) for p in points) == sorted(pairs)
     assert {p.seed for p in points} == {params.train.seed}
+
+
+def test_a_speech_point_trains_as_the_train_stage_does(tmp_path: Path):
+    """Spectrogram settings of the model (training_by_modality) and every noise draw of the training clips."""
+    import numpy as np
+
+    from latentlab.corrupt import corrupt_dataset, load_corruption
+    from latentlab.data.store import load_split, to_unit_float
+    from latentlab.paths import ProjectPaths
+    from latentlab.sweep import load_point_data, sweep_points
+
+    raw = tiny_params(tmp_path, {"digits": {"kind": "speech", "path": str(tmp_path / "unused")}})
+    raw["corrupt"] |= {"audio_train_draws": 3, "babble_speakers": 2}
+    raw["sweep"] |= {"model": "denoising", "grid": {"latent_size": [4]}, "training": None, "max_test_samples": None}
+    raw["train"]["zoo"]["denoising"]["training_by_modality"] = {"spectrogram": {"min_steps": 7}}
+    params = parse_params(raw)
+    paths = ProjectPaths(tmp_path)
+    write_tone_spectrograms(paths.processed("digits"))
+    corrupt_dataset("digits", paths.processed("digits"), paths.corrupted("digits"), params.corrupt)
+
+    points = sweep_points(params)
+    assert [p.noise for p in points] == ["white_snr5db", "babble_snr5db"]
+    point = points[1]
+    assert point.spec.training == params.train.spec("denoising").training_for("spectrogram")
+    assert point.spec.training.min_steps == 7 and point.spec.training_for("spectrogram").min_steps == 7
+
+    data = load_point_data(paths, point)
+    clean = to_unit_float(load_split(paths.processed("digits"), "train").x)
+    corrupted = load_corruption(paths.corrupted("digits"), "babble_snr5db", "train")
+    assert data.train_in.shape == data.train_target.shape == (3 * len(clean), *clean.shape[1:])
+    np.testing.assert_array_equal(data.train_in, to_unit_float(corrupted.draws(np.arange(len(clean)))))
+    np.testing.assert_array_equal(data.train_target, np.tile(clean, (3, 1, 1, 1)))
+    assert data.val_in.shape == data.val_target.shape and len(data.val_in) == 6  # one draw of each val clip
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from latentlab.config import parse_params
 from latentlab.data.store import load_split, to_unit_float
 from latentlab.errors import ConfigError
 from latentlab.paths import ProjectPaths
-from tests.conftest import tiny_params, write_bar_dataset
+from tests.conftest import tiny_params, write_bar_dataset, write_tone_spectrograms
 
 
 def _project(root: Path, denoise_from: object):
@@ -52,6 +52,39 @@ def test_several_corruptions_give_every_sample_once_per_corruption(tmp_path: Pat
         noisy = load_corruption(paths.corrupted("bars"), name, "train").x
         np.testing.assert_array_equal(inputs[half * n : (half + 1) * n], to_unit_float(noisy[kept]))
     assert not np.array_equal(inputs[:n], inputs[n:])
+
+
+def test_noise_draws_give_every_clip_once_per_draw_and_corruption(tmp_path: Path):
+    """corrupt.audio_train_draws = 3 with two noises: 6 noisy copies of each kept training clip, one of each val clip."""
+    from latentlab.corrupt import corrupt_dataset, load_corruption
+    from latentlab.train import subsample_index, training_pairs
+
+    names = ["white_snr5db", "babble_snr5db"]
+    raw = tiny_params(tmp_path, {"digits": {"kind": "speech", "path": str(tmp_path / "unused")}})
+    raw["corrupt"] |= {"audio_train_draws": 3, "babble_speakers": 2}
+    raw["train"]["zoo"]["denoising"]["denoise_from"] = {"image": "gaussian_sigma0.3", "spectrogram": names}
+    params = parse_params(raw)
+    paths = ProjectPaths(tmp_path)
+    write_tone_spectrograms(paths.processed("digits"))
+    corrupt_dataset("digits", paths.processed("digits"), paths.corrupted("digits"), params.corrupt)
+    spec = params.train.spec("denoising")
+
+    inputs, targets, labels = training_pairs(paths, "digits", spec, "train", limit=10, seed=0)
+    clean = load_split(paths.processed("digits"), "train")
+    kept = subsample_index(len(clean), 10, seed=0)
+    n = len(kept)
+    assert inputs.shape == targets.shape == (2 * 3 * n, *clean.x.shape[1:])
+    np.testing.assert_array_equal(targets, np.tile(to_unit_float(clean.x[kept]), (6, 1, 1, 1)))
+    np.testing.assert_array_equal(labels, np.tile(clean.y[kept], 6))
+    for c, name in enumerate(names):
+        split = load_corruption(paths.corrupted("digits"), name, "train")
+        assert split.x_draws is not None
+        for d, draw in enumerate([split.x, *split.x_draws]):
+            block = inputs[(3 * c + d) * n : (3 * c + d + 1) * n]
+            np.testing.assert_array_equal(block, to_unit_float(draw[kept]))
+
+    v_in, v_target, _ = training_pairs(paths, "digits", spec, "val", limit=None, seed=0)
+    assert v_in.shape == v_target.shape == (2 * 6, *clean.x.shape[1:])
 
 
 def test_one_corruption_name_and_a_missing_one(tmp_path: Path):
