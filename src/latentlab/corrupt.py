@@ -645,16 +645,11 @@ class CorruptedSplit:
     def __len__(self) -> int:
         return len(self.x)
 
-    @property
-    def n_draws(self) -> int:
-        """Noise draws of every row: 1 plus those in ``x_draws``."""
-        return 1 + (0 if self.x_draws is None else len(self.x_draws))
-
     def draws(self, rows: np.ndarray) -> np.ndarray:
-        """Every draw of ``rows``, one draw after the other: (n_draws * len(rows), C, H, W).
+        """Every draw of ``rows``, one draw after the other: (D * len(rows), C, H, W).
 
         Row ``d * len(rows) + i`` is draw ``d`` of ``rows[i]``, so the clean
-        targets are ``rows`` repeated ``n_draws`` times (``np.tile``).
+        targets are ``rows`` repeated D times (``np.tile``); D = 1 without ``x_draws``.
         """
         first = self.x[rows]
         if self.x_draws is None:
